@@ -1,0 +1,48 @@
+"""Shared helpers for the integration tests: they run the real `clip-har` command, papermill, DVC and chromium."""
+import os, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+OFFLINE = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'WANDB_MODE': 'offline'}
+
+def env(**kw) -> dict:
+    "The test environment: offline, with the venv's commands first on PATH."
+    return {**os.environ, **OFFLINE, 'PATH': f"{BIN}:{os.environ.get('PATH', '')}", **kw}
+
+def run(*args, cwd=ROOT, timeout=600, check=False, **kw) -> subprocess.CompletedProcess:
+    "Run a command with the test environment; capture text output."
+    r = subprocess.run([str(a) for a in args], cwd=cwd, env=env(**kw), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode: raise AssertionError(f'{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}')
+    return r
+
+def clip_har(*args, **kw) -> subprocess.CompletedProcess:
+    "Run the installed `clip-har` command."
+    return run(BIN/'clip-har', *args, **kw)
+
+@pytest.fixture(scope='session')
+def har_mini() -> Path:
+    "The 1,200-image har-mini set; the test skips when it is absent."
+    from clip_har.core import har_mini_dir, HAR_MINI_MISSING
+    p = har_mini_dir()
+    if p is None: pytest.skip(HAR_MINI_MISSING)
+    return p
+
+@pytest.fixture(scope='session')
+def chromium() -> str:
+    "Debian's chromium; the test skips when it is not installed."
+    exe = shutil.which('chromium') or shutil.which('chromium-browser')
+    if exe is None: pytest.skip('no chromium on this machine (apt-get install chromium; .ci/run installs it in CI)')
+    return exe
+
+def copy_checkout(dest: Path) -> Path:
+    "A git repository at `dest` holding the files of this checkout that git tracks or would track."
+    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT/f).is_file():
+            (dest/f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT/f, dest/f)
+    for cmd in (['git', 'init', '-q'], ['git', 'add', '-A'], ['git', '-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'copy']):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest

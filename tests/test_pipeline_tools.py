@@ -1,0 +1,64 @@
+"""The project's machinery, run for real: DVC's prepare stage in a fresh copy, papermill, and the notebook sync guard."""
+import json, subprocess, sys
+from pathlib import Path
+import nbformat
+import pandas as pd
+import yaml
+from conftest import run, copy_checkout, ROOT, BIN
+
+from clip_har.core import fixtures_dir
+
+def test_dvc_repro_prepare_in_a_fresh_copy(tmp_path):
+    "`dvc repro` builds the manifest in a fresh checkout; a second run does nothing; a param change reruns it."
+    repo = copy_checkout(tmp_path/'repo')
+    params = yaml.safe_load((repo/'params.yaml').read_text())
+    params['data']['source'] = str(fixtures_dir())
+    params['data']['valid_pct'] = params['data']['test_pct'] = 0.34
+    (repo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
+    r = run(BIN/'dvc', 'repro', cwd=repo, check=True)
+    m = pd.read_csv(repo/'data'/'prepared'/'manifest.csv')
+    assert len(m) == 45 and set(m.split) == {'train', 'valid', 'test'}
+    assert (repo/'dvc.lock').exists()
+    again = run(BIN/'dvc', 'repro', cwd=repo, check=True)
+    assert 'Running stage' not in again.stdout and 'up to date' in again.stdout, again.stdout
+    params['seed'] = 7
+    (repo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(BIN/'dvc', 'repro', cwd=repo, check=True)
+    assert "Running stage 'prepare'" in changed.stdout
+
+def test_papermill_runs_the_data_notebook_with_parameters(tmp_path):
+    "The data notebook runs headless under papermill with injected parameters and leaves its manifest."
+    out_nb = tmp_path/'01_data.out.ipynb'
+    run(BIN/'papermill', ROOT/'nbs'/'01_data.ipynb', out_nb, '-p', 'source', str(fixtures_dir()/'train'),
+        '-p', 'out_dir', str(tmp_path/'prepared'), '-y', 'overrides: {data.valid_pct: 0.5, data.test_pct: 0.0}',
+        '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
+    m = pd.read_csv(tmp_path/'prepared'/'manifest.csv')
+    assert len(m) == 30 and m.split.value_counts().to_dict() == {'train': 15, 'valid': 15}
+    nb = nbformat.read(out_nb, as_version=4)
+    assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
+    shown = json.dumps([c.get('outputs', []) for c in nb.cells if c.cell_type == 'code'])
+    assert 'Data validation' in shown and 'image/png' in shown
+
+def _guard(repo: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, repo/'tools'/'check_sync.py'], cwd=repo, capture_output=True, text=True)
+
+def test_sync_guard_catches_unexported_and_unclean_notebooks(tmp_path):
+    "The check `make test` runs fails on a notebook edited without export, and on one saved with outputs."
+    repo = copy_checkout(tmp_path/'repo')
+    ok = _guard(repo)
+    assert ok.returncode == 0, ok.stderr
+    nb_path = repo/'nbs'/'00_core.ipynb'
+    nb = nbformat.read(nb_path, as_version=4)
+    cell = next(c for c in nb.cells if c.source.startswith('#| export') and 'HAR_LABELS = ' in c.source)
+    cell.source += "\nEXTRA_CONSTANT = 1"
+    nbformat.write(nb, nb_path)
+    r = _guard(repo)
+    assert r.returncode == 1 and 'nbdev_export changed clip_har/core.py' in r.stderr, r.stderr
+    assert _guard(repo).returncode == 0  # the export fixed it; committing it is the user's move
+    nb = nbformat.read(nb_path, as_version=4)
+    code = next(c for c in nb.cells if c.cell_type == 'code' and 'test_eq(len(HAR_LABELS)' in c.source)
+    code.outputs = [nbformat.v4.new_output('stream', name='stdout', text='leftover output\n')]
+    code.execution_count = 3
+    nbformat.write(nb, nb_path)
+    r = _guard(repo)
+    assert r.returncode == 1 and 'nbdev_clean changed nbs/00_core.ipynb' in r.stderr, r.stderr
