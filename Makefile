@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DO_NOT_TRACK=1
 DEMO_SOURCE := $(shell [ -f ../shared/data/har-mini/labels.csv ] && echo ../shared/data/har-mini || echo nbs/fixtures/har-tiny)
 
-.PHONY: install run demo test check nbtest pytest docs export bench-data clean
+.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model clean
 
 $(STAMP): settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,13 +19,16 @@ $(STAMP): settings.ini setup.py
 
 install: $(STAMP)
 
-## The main job (today: validate and prepare data.source from params.yaml).
+## The main job, with params.yaml as it is: prepare data.source, then score the zero-shot classifier of model.*.
 run: install
 	$(BIN)/clip-har prepare
+	$(BIN)/clip-har zeroshot
 
-## The same job offline on har-mini (or the committed fixtures), labelled as a smoke run.
+## The same job offline on har-mini (or the committed fixtures) with the tiny test CLIP: a smoke run (metrics say so).
+DEMO := --set paths.out_dir=outputs/demo --set paths.data_dir=outputs/demo/data --set model.name=clip-har-tiny-test --set model.pretrained=null
 demo: install
-	$(OFFLINE) $(BIN)/clip-har prepare --set data.source=$(DEMO_SOURCE) --out outputs/demo/prepared
+	$(OFFLINE) $(BIN)/clip-har prepare $(DEMO) --set data.source=$(DEMO_SOURCE)
+	$(OFFLINE) $(BIN)/clip-har zeroshot $(DEMO)
 
 test: install check nbtest docs pytest
 
@@ -47,6 +50,9 @@ export: install
 
 bench-data: install
 	$(OFFLINE) $(BIN)/python -c "from clip_har.data import benchmark_loaders; benchmark_loaders('$(DEMO_SOURCE)')"
+
+bench-model: install
+	$(OFFLINE) $(BIN)/python -c "from clip_har.model import benchmark_classifier_build as b; b('ViT-B-32'); b('ViT-B-32', 'imagenet')"
 
 clean:
 	rm -rf _proc _docs .pytest_cache
