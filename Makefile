@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Tests and docs never touch the network.
-OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DO_NOT_TRACK=1
+OFFLINE := CLIP_HAR_BENCH=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DO_NOT_TRACK=1
 DEMO_SOURCE := $(shell [ -f ../shared/data/har-mini/labels.csv ] && echo ../shared/data/har-mini || echo nbs/fixtures/har-tiny)
 
 .PHONY: install run demo test check nbtest pytest docs export bench-data bench-model clean
@@ -49,10 +49,10 @@ export: install
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(BIN)/python tools/readme.py
 
 bench-data: install
-	$(OFFLINE) $(BIN)/python -c "from clip_har.data import benchmark_loaders; benchmark_loaders('$(DEMO_SOURCE)')"
+	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/python -c "from clip_har.data import benchmark_loaders; benchmark_loaders('$(DEMO_SOURCE)')"
 
 bench-model: install
-	$(OFFLINE) $(BIN)/python -c "from clip_har.model import benchmark_classifier_build as b; b('ViT-B-32'); b('ViT-B-32', 'imagenet')"
+	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/python -c "from clip_har.model import benchmark_classifier_build as b; b('ViT-B-32'); b('ViT-B-32', 'imagenet')"
 
 clean:
 	rm -rf _proc _docs .pytest_cache

@@ -62,3 +62,13 @@ def test_sync_guard_catches_unexported_and_unclean_notebooks(tmp_path):
     nbformat.write(nb, nb_path)
     r = _guard(repo)
     assert r.returncode == 1 and 'nbdev_clean changed nbs/00_core.ipynb' in r.stderr, r.stderr
+
+def test_papermill_runs_the_model_notebook_as_a_zeroshot_stage(tmp_path):
+    "The model notebook's stage section scores the tiny model on a prepared split and writes its metrics."
+    out_nb = tmp_path/'02_model.out.ipynb'
+    run(BIN/'papermill', ROOT/'nbs'/'02_model.ipynb', out_nb, '-p', 'split', 'valid', '-p', 'out_dir', str(tmp_path/'zs'),
+        '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
+    m = json.loads((tmp_path/'zs'/'metrics.json').read_text())
+    assert m['split'] == 'valid' and m['smoke_run'] is True and m['n'] > 0
+    shown = json.dumps([c.get('outputs', []) for c in nbformat.read(out_nb, as_version=4).cells if c.cell_type == 'code'])
+    assert 'zero-shot on' in shown and 'image/png' in shown
