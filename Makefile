@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := CLIP_HAR_BENCH=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DO_NOT_TRACK=1
 DEMO_SOURCE := $(shell [ -f ../shared/data/har-mini/labels.csv ] && echo ../shared/data/har-mini || echo nbs/fixtures/har-tiny)
 
-.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model clean
+.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train clean
 
 $(STAMP): settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,16 @@ install: $(STAMP)
 run: install
 	$(BIN)/clip-har prepare
 	$(BIN)/clip-har zeroshot
+	$(BIN)/clip-har train
 
 ## The same job offline on har-mini (or the committed fixtures) with the tiny test CLIP: a smoke run (metrics say so).
 DEMO := --set paths.out_dir=outputs/demo --set paths.data_dir=outputs/demo/data --set model.name=clip-har-tiny-test --set model.pretrained=null
+DEMO_TRAIN := --set 'train.stages=[{name: all, train: all, epochs: 3, lr: 1.0e-2}]' --set data.batch_size=16 --set train.label_smoothing=0 \
+	--set train.patience=null --set train.mlflow_uri=sqlite:///outputs/demo/mlflow.db
 demo: install
 	$(OFFLINE) $(BIN)/clip-har prepare $(DEMO) --set data.source=$(DEMO_SOURCE)
 	$(OFFLINE) $(BIN)/clip-har zeroshot $(DEMO)
+	$(OFFLINE) $(BIN)/clip-har train $(DEMO) $(DEMO_TRAIN)
 
 test: install check nbtest docs pytest
 
@@ -50,6 +54,9 @@ export: install
 
 bench-data: install
 	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/python -c "from clip_har.data import benchmark_loaders; benchmark_loaders('$(DEMO_SOURCE)')"
+
+bench-train: install
+	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/python -c "from clip_har.train import benchmark_training as b; b('clip-har-tiny-test', bs=32, n_batches=16); b('ViT-B-32', bs=8, n_batches=4)"
 
 bench-model: install
 	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/python -c "from clip_har.model import benchmark_classifier_build as b; b('ViT-B-32'); b('ViT-B-32', 'imagenet')"

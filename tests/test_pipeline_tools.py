@@ -72,3 +72,14 @@ def test_papermill_runs_the_model_notebook_as_a_zeroshot_stage(tmp_path):
     assert m['split'] == 'valid' and m['smoke_run'] is True and m['n'] > 0
     shown = json.dumps([c.get('outputs', []) for c in nbformat.read(out_nb, as_version=4).cells if c.cell_type == 'code'])
     assert 'zero-shot on' in shown and 'image/png' in shown
+
+def test_papermill_runs_the_train_notebook_as_a_stage(tmp_path):
+    "The train notebook's stage section fine-tunes the tiny model with injected overrides and writes the run folder."
+    out_nb = tmp_path/'03_train.out.ipynb'
+    run(BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', out_nb, '-p', 'out_dir', str(tmp_path/'run'),
+        '-y', 'overrides: {train.stages: [{name: all, train: all, epochs: 2, lr: 0.01}]}',
+        '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
+    m = json.loads((tmp_path/'run'/'train_metrics.json').read_text())
+    assert m['epochs'] == 2 and (tmp_path/'run'/'wise_ft.png').exists()
+    shown = json.dumps([c.get('outputs', []) for c in nbformat.read(out_nb, as_version=4).cells if c.cell_type == 'code'])
+    assert 'valid accuracy' in shown and 'image/png' in shown
