@@ -109,10 +109,16 @@ def test_mlflow_records_the_run_and_a_dead_server_does_not_stop_training(prepare
     assert r.returncode == 0, r.stderr
     assert 'tracking failed (MLflow at ' in r.stderr and (tmp_path/'dead'/'model.pt').exists()
 
-def _torchrun(prepared, out, mode, epochs=2):
+def _torchrun(prepared, out, mode, epochs=2, bs=None):
+    bs = bs or (16 if har_mini_dir() else 4)  # the fixtures give each rank only 15 training images
     return run(BIN/'torchrun', '--nproc_per_node', '2', '--master_port', str(_free_port()), BIN/'clip-har', 'train',
-               *_paths(prepared), *SMOKE, *_stages(epochs, 3e-3), '--set', f'train.distributed={mode}', '--out', out, '-q',
-               timeout=900, OMP_NUM_THREADS='1')
+               *_paths(prepared), *SMOKE, *_stages(epochs, 3e-3), '--set', f'train.distributed={mode}', '--set', f'data.batch_size={bs}',
+               '--out', out, '-q', timeout=900, OMP_NUM_THREADS='1')
+
+def test_ddp_batch_larger_than_a_rank_shard_is_a_clear_error(prepared, tmp_path):
+    n_train = (pd.read_csv(prepared/'data'/'prepared'/'manifest.csv').split == 'train').sum()
+    r = _torchrun(prepared, tmp_path/'big', 'ddp', epochs=1, bs=n_train // 2 + 1)
+    assert r.returncode != 0 and 'training images each of the 2 processes gets' in r.stderr, r.stderr[-2000:]
 
 def test_ddp_two_cpu_processes(prepared, tmp_path):
     "DDP on 2 CPU processes (gloo): disjoint data shards, falling loss, identical weights on both ranks."
