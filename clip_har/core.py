@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'HAR_MINI_MISSING', 'get_logger', 'ConfigError', 'PathsConfig',
-           'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'Config', 'close_matches', 'parse_overrides',
-           'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device', 'hub_offline', 'hub_reachable',
-           'register_test_models', 'running_benchmarks', 'repo_root', 'fixtures_dir', 'har_mini_dir']
+           'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'Config',
+           'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything',
+           'get_device', 'hub_offline', 'hub_reachable', 'register_test_models', 'running_benchmarks', 'repo_root',
+           'fixtures_dir', 'har_mini_dir']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -90,7 +91,7 @@ class StageConfig(_Section):
     lr: float = Field(1e-3, gt=0)  # the head's peak learning rate; lower groups get lr x lr_mult per group
 
 class TrainConfig(_Section):
-    "Fine-tuning: head, loss, stages, optimiser, schedule, precision, checkpoints, WiSE-FT and tracking."
+    "Fine-tuning: head, loss, stages, optimiser, schedule, precision, checkpoints and WiSE-FT."
     head: Literal['linear', 'mlp'] = 'linear'  # linear starts as the zero-shot classifier (needed by WiSE-FT)
     loss: Literal['ce', 'flyp'] = 'ce'  # cross-entropy on the head, or FLYP contrastive with the class prompts
     stages: list[StageConfig] = [StageConfig(name='head', train='head', epochs=1, lr=1e-3),
@@ -108,8 +109,6 @@ class TrainConfig(_Section):
     monitor: Literal['accuracy', 'valid_loss'] = 'accuracy'  # what early stopping and the best checkpoint watch
     wise_alphas: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # WiSE-FT blend weights to try
     distributed: Literal['auto', 'ddp', 'fsdp'] = 'auto'  # under torchrun: auto = ddp
-    track: list[Literal['mlflow', 'wandb']] = ['mlflow']  # experiment trackers fed by callbacks
-    mlflow_uri: str = 'sqlite:///outputs/mlflow.db'  # MLflow tracking URI (a sqlite file or a server)
 
     @field_validator('wise_alphas')
     @classmethod
@@ -124,6 +123,20 @@ class TrainConfig(_Section):
         if not v: raise ValueError('at least one training stage is needed')
         return v
 
+class EvaluateConfig(_Section):
+    "Held-out evaluation: which split, the calibration bins, the mistakes gallery."
+    split: Literal['train', 'valid', 'test'] = 'test'  # scored split (temperature scaling is fitted on `valid`)
+    calibration_bins: int = Field(15, ge=2)  # bins of the reliability diagram and ECE
+    mistakes: int = Field(12, ge=0)  # worst mistakes shown in the report
+
+class TrackConfig(_Section):
+    "Experiment tracking (MLflow, W&B, both or neither) and the model registry."
+    backends: list[Literal['mlflow', 'wandb']] = ['mlflow']  # where runs are logged; [] for nowhere
+    mlflow_uri: str = 'sqlite:///outputs/mlflow.db'  # a local sqlite store, or a tracking server's http(s) URL
+    experiment: str = 'clip_har'  # MLflow experiment and W&B project
+    log_every: int = Field(10, ge=1)  # log the training loss every this many batches
+    register_as: str|None = 'clip-har'  # registered model name in MLflow's registry; null: log the model, do not register it
+
 class Config(_Section):
     "All of clip_har's parameters, as read from `params.yaml`."
     seed: int = 42  # seeds python, numpy and torch
@@ -132,6 +145,8 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    track: TrackConfig = TrackConfig()
 
 # %% ../nbs/00_core.ipynb #5aee40e4
 def close_matches(name:str, # what the user wrote

@@ -21,7 +21,8 @@ __all__ = ['IMAGE_EXTS', 'SPLIT_NAMES', 'PATH_COLUMNS', 'LABEL_COLUMNS', 'MANIFE
            'read_saved_dataset', 'read_hub', 'read_items', 'content_labels', 'inspect_image', 'inspect_items',
            'validation_report', 'plot_class_balance', 'report_markdown', 'write_report', 'validate', 'split_items',
            'write_manifest', 'read_manifest', 'prepare', 'clip_preprocess_cfg', 'clip_resize', 'clip_normalize',
-           'train_augmentations', 'har_dataloaders', 'eval_dataloader', 'dataloaders_from_config', 'benchmark_loaders']
+           'train_augmentations', 'har_dataloaders', 'eval_transforms', 'eval_dataloader', 'ImageDecodeError',
+           'decode_image', 'image_batch', 'dataloaders_from_config', 'benchmark_loaders']
 
 # %% ../nbs/01_data.ipynb #8e50d8bf
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -464,6 +465,14 @@ def har_dataloaders(manifest:str|Path|pd.DataFrame, # a manifest (path or table)
     return dsets.dataloaders(**kw)
 
 # %% ../nbs/01_data.ipynb #28d579b7
+def eval_transforms(preprocess:dict|None=None, # size, mean, std, interpolation; OpenAI CLIP's at 224 px by default
+                   ) -> tuple[list, list]:
+    "fastai item and batch transforms for evaluation and prediction: resize, centre crop, to float, normalise."
+    from fastai.vision.all import ToTensor, IntToFloatTensor
+    pp = {**CLIP_PREPROCESS, **(preprocess or {})}
+    return [clip_resize(pp['size'], pp['interpolation']), ToTensor()], [IntToFloatTensor(), clip_normalize(pp['mean'], pp['std'])]
+
+# %% ../nbs/01_data.ipynb #03330d45
 def eval_dataloader(rows:pd.DataFrame, # items or manifest rows: `path` and `label`
                     labels:Sequence[str]=HAR_LABELS, # class names in index order
                     preprocess:dict|None=None, # size, mean, std, interpolation (see `clip_preprocess_cfg`); OpenAI CLIP's at 224 px by default
@@ -472,15 +481,47 @@ def eval_dataloader(rows:pd.DataFrame, # items or manifest rows: `path` and `lab
                     device=None, # where batches go
                    ):
     "A fastai `TfmdDL` over `rows` in order, with CLIP's resize, crop and normalisation."
-    from fastai.vision.all import Datasets, TfmdDL, ColReader, PILImage, Categorize, ToTensor, IntToFloatTensor
+    from fastai.vision.all import Datasets, TfmdDL, ColReader, PILImage, Categorize
     if len(rows) == 0: raise DataSourceError('nothing to evaluate: no rows')
     unknown = sorted(set(rows.label) - set(labels))
     if unknown: raise DataSourceError(f'labels {unknown} are not among the model labels {list(labels)}')
-    pp = {**CLIP_PREPROCESS, **(preprocess or {})}
     dsets = Datasets(rows.reset_index(drop=True), [[ColReader('path'), PILImage.create], [ColReader('label'), Categorize(vocab=list(labels))]],
                      split_idx=1)  # the validation split: centre crops, never random ones
+    item_tfms, batch_tfms = eval_transforms(preprocess)
     return TfmdDL(dsets, bs=bs, shuffle=False, drop_last=False, num_workers=num_workers, device=device,
-                  after_item=[clip_resize(pp['size'], pp['interpolation']), ToTensor()], after_batch=[IntToFloatTensor(), clip_normalize(pp['mean'], pp['std'])])
+                  after_item=item_tfms, after_batch=batch_tfms)
+
+# %% ../nbs/01_data.ipynb #92368e55
+class ImageDecodeError(DataSourceError):
+    "An input that is not a readable image."
+
+def decode_image(image, # a path, encoded bytes, or a PIL image
+                 name:str='image', # how errors name it
+                ):
+    "A fastai `PILImage` in RGB, or an `ImageDecodeError`."
+    from fastai.vision.all import PILImage
+    if isinstance(image, Image.Image): return PILImage(image.convert('RGB'))
+    if not isinstance(image, (str, Path, bytes, bytearray)): raise ImageDecodeError(f'{name}: expected a path, bytes or a PIL image, got {type(image).__name__}')
+    if isinstance(image, (str, Path)) and not Path(image).is_file(): raise ImageDecodeError(f'{name}: no such file {image}')
+    try:
+        img = Image.open(io.BytesIO(bytes(image)) if isinstance(image, (bytes, bytearray)) else image)
+        img.load()
+        return PILImage(img.convert('RGB'))
+    except Exception as e: raise ImageDecodeError(f'{name}: not a readable image ({type(e).__name__}: {e})') from None
+
+def image_batch(images:Sequence, # paths, encoded bytes or PIL images
+                preprocess:dict|None=None, # as for `eval_transforms`
+                device=None, # where the batch goes
+               ) -> torch.Tensor:
+    "A normalised (N, 3, H, W) batch, exactly as `eval_dataloader` makes it."
+    import torch
+    from fastai.vision.all import Pipeline
+    item_tfms, batch_tfms = eval_transforms(preprocess)
+    items, batch = Pipeline(item_tfms, split_idx=1), Pipeline(batch_tfms, split_idx=1)
+    xs = [items(decode_image(im, f'image {i}')) for i, im in enumerate(images)]
+    if not xs: raise ImageDecodeError('no images given')
+    x = torch.stack(xs)
+    return batch(x.to(device) if device is not None else x).as_subclass(torch.Tensor)
 
 # %% ../nbs/01_data.ipynb #a8b3cd47
 def dataloaders_from_config(cfg:Config, # the config

@@ -371,9 +371,9 @@ class ProbEnsemble(nn.Module):
 
 # %% ../nbs/02_model.ipynb #8fef4e0b
 class ClipClassifier(nn.Module):
-    "CLIP's image tower + a classification head."
-    def __init__(self, visual:nn.Module, head:nn.Module, labels:Sequence[str]):
-        super().__init__(); self.visual, self.head, self.labels = visual, head, list(labels)
+    "CLIP's image tower + a classification head (and the preprocessing its inputs need)."
+    def __init__(self, visual:nn.Module, head:nn.Module, labels:Sequence[str], preprocess:dict|None=None):
+        super().__init__(); self.visual, self.head, self.labels, self.preprocess = visual, head, list(labels), dict(preprocess or {})
     def forward(self, images): return self.head(self.visual(images))
 
 def clip_classifier(clip:Clip, # the backbone
@@ -392,7 +392,7 @@ def clip_classifier(clip:Clip, # the backbone
     def zs_head():
         emb = class_embeddings(clip, labels, templates, phrases, cache_dir) if zeroshot_init else torch.zeros(len(labels), clip.embed_dim)
         return ZeroShotHead(emb, clip.logit_scale, labels)
-    return ClipClassifier(clip.model.visual, heads[head](), labels)
+    return ClipClassifier(clip.model.visual, heads[head](), labels, clip.preprocess)
 
 def _blocks(visual:nn.Module) -> list[nn.Module]:
     "The visual tower's sequential blocks (ViT resblocks, or ResNet stages)."

@@ -23,15 +23,15 @@ from fastai.torch_core import num_distrib, rank_distrib
 from .core import *
 from .data import DataSourceError, dataloaders_from_config, eval_dataloader, read_manifest
 from .model import *
+from .tracking import Tracker, TrackerCallback, lineage
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'flyp_splitter', 'amp_mode', 'build_model',
            'build_learner', 'atomic_save', 'unwrap', 'full_state_dict', 'plain_containers', 'load_opt_state',
            'RunState', 'TrainState', 'CheckpointError', 'read_train_checkpoint', 'stage_lrs', 'fit_stages',
-           'wise_ft_state', 'wise_ft_curve', 'plot_wise_ft', 'flat_params', 'MLflowCallback', 'HarDistributedDL',
-           'HarDistributedTrainer', 'ShardLog', 'ShardedDataTrainer', 'shard_model', 'distributed_mode',
-           'init_distributed', 'save_classifier', 'load_classifier', 'tracking_callbacks', 'select_wise_ft', 'train',
-           'benchmark_training']
+           'wise_ft_state', 'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog',
+           'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'save_classifier',
+           'read_classifier_meta', 'load_classifier', 'select_wise_ft', 'train', 'benchmark_training']
 
 # %% ../nbs/03_train.ipynb #3dff374f
 def flyp_loss(logits:torch.Tensor, # (B, C) class logits: scale x cosine(image, class prompt)
@@ -66,7 +66,7 @@ class FlypClassifier(nn.Module):
     def to_classifier(self) -> ClipClassifier:
         "The trained towers as a `ClipClassifier` with a linear head made from the trained text tower."
         zs = ZeroShotHead(encode_prompts(self.clip, self.prompts), self.clip.logit_scale, self.labels)
-        return ClipClassifier(self.model.visual, LinearHead(self.clip.embed_dim, len(self.labels), zs), self.labels)
+        return ClipClassifier(self.model.visual, LinearHead(self.clip.embed_dim, len(self.labels), zs), self.labels, self.clip.preprocess)
 
 def flyp_splitter(model:FlypClassifier, k:int=2) -> list:
     "Parameter groups [rest of the image tower, its last `k` blocks, the text tower and logit scale]."
@@ -277,52 +277,6 @@ def plot_wise_ft(curve:dict, path:str|Path|None=None):
     if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
-# %% ../nbs/03_train.ipynb #8ac505cf
-def flat_params(d:dict, prefix:str='') -> dict:
-    "Nested config values as `a.b.c` keys with short string values (for trackers)."
-    out = {}
-    for k, v in d.items():
-        key = f'{prefix}{k}'
-        if isinstance(v, dict): out.update(flat_params(v, key + '.'))
-        else: out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
-    return {k: (str(v)[:490] if v is not None else 'null') for k, v in out.items()}
-
-class MLflowCallback(Callback):
-    "Logs params, per-epoch metrics and learning rate to MLflow; failures are logged, never raised."
-    order = 56  # right after TrainState, before early stopping
-    def __init__(self, uri:str, params:dict, run_name:str|None=None, experiment:str='clip_har', state:RunState|None=None):
-        self.uri, self.params, self.run_name, self.experiment, self.state = uri, params, run_name, experiment, state
-        self.run_id, self.failed = None, False
-    def _safe(self, f, *args, **kw):
-        if self.failed: return
-        try: return f(*args, **kw)
-        except Exception as e:
-            self.failed = True
-            get_logger('train').warning(f'tracking failed (MLflow at {self.uri}): {type(e).__name__}: {e}; training goes on without it')
-    def start(self):
-        os.environ.setdefault('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '2')  # a server that is down fails in seconds, not minutes
-        os.environ.setdefault('MLFLOW_HTTP_REQUEST_TIMEOUT', '10')
-        import mlflow
-        def _start():
-            mlflow.set_tracking_uri(self.uri); mlflow.set_experiment(self.experiment)
-            self.run_id = mlflow.start_run(run_name=self.run_name).info.run_id
-            mlflow.log_params(self.params)
-        if self.run_id is None and rank_distrib() == 0: self._safe(_start)
-    def before_fit(self): self.start()
-    def after_epoch(self):
-        if self.run_id is None or not self.state or not self.state.history: return
-        import mlflow
-        row = {k: v for k, v in self.state.history[-1].items() if isinstance(v, (int, float)) and k not in ('stage', 'stage_epoch')}
-        self._safe(mlflow.log_metrics, row, step=len(self.state.history))
-    def log_artifacts(self, paths:Sequence[str|Path], metrics:dict|None=None):
-        "Log files and final metrics, then end the run."
-        if self.run_id is None: return
-        import mlflow
-        for p in paths:
-            if Path(p).exists(): self._safe(mlflow.log_artifact, str(p))
-        if metrics: self._safe(mlflow.log_metrics, metrics)
-        self._safe(mlflow.end_run)
-
 # %% ../nbs/03_train.ipynb #a6f1b1cc
 from fastai.distributed import DistributedDL, DistributedTrainer
 
@@ -385,32 +339,29 @@ def save_classifier(model:nn.Module, meta:dict, path:str|Path, **extra) -> Path:
     "Save a trained classifier's weights with what is needed to rebuild it."
     return atomic_save(dict(format='clip_har.classifier/1', meta=meta, model=full_state_dict(model), **extra), path)
 
+def _classifier_file(path:str|Path) -> dict:
+    path = Path(path)
+    if not path.is_file(): raise CheckpointError(f'{path}: no such model file')
+    try: d = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e: raise CheckpointError(f'{path}: not a readable model file ({type(e).__name__}: {str(e)[:200]})') from None
+    if not isinstance(d, dict) or d.get('format') != 'clip_har.classifier/1': raise CheckpointError(f'{path}: not a clip_har classifier file')
+    return d
+
+def read_classifier_meta(path:str|Path) -> dict:
+    "The meta (model, pretrained, labels, head, loss, wise_alpha) of a `save_classifier` file."
+    return _classifier_file(path)['meta']
+
 def load_classifier(path:str|Path, # a file written by `save_classifier`
                     clip:Clip|None=None, # the backbone to fill (default: built from the file's model name)
                    ) -> ClipClassifier:
     "A `ClipClassifier` from `save_classifier`'s file (the backbone is rebuilt from its config, its weights from the file)."
-    path = Path(path)
-    if not path.is_file(): raise CheckpointError(f'{path}: no such model file')
-    d = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(d, dict) or d.get('format') != 'clip_har.classifier/1': raise CheckpointError(f'{path}: not a clip_har classifier file')
+    d = _classifier_file(path)
     m = d['meta']
     clip = clip or load_clip(m['model'], None)
     model = clip_classifier(clip, m['labels'], 'mlp' if m['head'] == 'mlp' else 'linear', zeroshot_init=False)
     return load_state_dict_checked(model, d['model'], str(path)).eval()
 
 # %% ../nbs/03_train.ipynb #778b284d
-def tracking_callbacks(cfg:Config, state:RunState) -> list[Callback]:
-    "MLflow and/or W&B callbacks for `cfg.train.track` (rank 0 only)."
-    cbs = []
-    if 'mlflow' in cfg.train.track:
-        cbs.append(MLflowCallback(cfg.train.mlflow_uri, flat_params(config_dict(cfg)), run_name=f'train-{cfg.model.name}', state=state))
-    if 'wandb' in cfg.train.track:
-        import wandb
-        from fastai.callback.wandb import WandbCallback
-        wandb.init(project='clip_har', config=config_dict(cfg), mode=os.environ.get('WANDB_MODE', 'online' if os.environ.get('WANDB_API_KEY') else 'offline'))
-        cbs.append(WandbCallback(log_preds=False, log_model=False))
-    return cbs
-
 def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding the chosen blend
                    zs_state:dict, # its zero-shot weights
                    dl, # validation DataLoader
@@ -463,14 +414,16 @@ def train(cfg:Config, # all parameters
     if (not progress or rank) and hasattr(learn, 'progress'): learn.remove_cb(learn.progress)
     if rank == 0: out.mkdir(parents=True, exist_ok=True); save_config(cfg, out/'params.yaml')
     cbs = [TrainState(state, out/'checkpoints', meta, cfg.train.monitor, sharded=mode == 'fsdp')]
-    trackers = tracking_callbacks(cfg, state) if rank == 0 else []
-    cbs += trackers
-    tracker = next((t for t in trackers if isinstance(t, MLflowCallback)), None)
+    manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
+    tracker = Tracker.from_config(cfg, out) if rank == 0 else Tracker()
+    tracker.start(f'train-{cfg.model.name}', config_dict(cfg), lineage(cfg, manifest))
+    cbs.append(TrackerCallback(tracker, state, cfg.track.log_every))
     shard_log = ShardLog()
     if mode == 'ddp': cbs.append(shard_log)
     t0 = time.time()
     learn.model.to(device)
-    fit_stages(learn, cfg, state, ckpt.get('opt') if ckpt else None, cbs)
+    try: fit_stages(learn, cfg, state, ckpt.get('opt') if ckpt else None, cbs)
+    except BaseException: tracker.end('FAILED'); raise
     final_weights = full_state_dict(learn.model)
     summary = dict(meta, batches=state.batches, epochs=len(state.history), seconds=round(time.time() - t0, 1), world_size=max(1, num_distrib()),
                    distributed=mode, history=state.history)
@@ -495,7 +448,7 @@ def train(cfg:Config, # all parameters
     save_classifier(plain, meta | {'loss': 'ce', 'head': cfg.train.head}, out/'model.pt', history=state.history)
     import pandas as pd
     pd.DataFrame(state.history).to_csv(out/'history.csv', index=False)
-    valid_rows = read_manifest(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv', cfg.data.labels).query("split == 'valid'")
+    valid_rows = read_manifest(manifest, cfg.data.labels).query("split == 'valid'")
     vdl = eval_dataloader(valid_rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
     plain.to(device)
     logits, y = predict_logits(plain, vdl, progress=False)
@@ -507,8 +460,15 @@ def train(cfg:Config, # all parameters
         artifacts += [out/'wise_ft.pt', out/'wise_ft.png']
     h = state.history
     summary.update(first_train_loss=h[0]['train_loss'] if h else None, last_train_loss=h[-1]['train_loss'] if h else None)
+    final = out/'wise_ft.pt' if 'wise_ft' in summary else out/'model.pt'
+    summary.update(final_model=final.name, mlflow_run_id=tracker.mlflow_run_id)
+    tracker.log_metrics({'final_valid_accuracy': summary['valid_accuracy'], 'wise_ft_alpha': summary.get('wise_ft', {}).get('best_alpha')})
+    tracker.log_artifacts(artifacts)
+    registered = tracker.log_model(final, cfg.track.register_as, {'valid_accuracy': round(summary['valid_accuracy'], 4),
+                                                                   **{k: v for k, v in lineage(cfg, manifest).items() if v is not None}})
+    if registered: summary['registered'] = {k: registered[k] for k in ('model_uri', 'version', 'aliases')}
     (out/'train_metrics.json').write_text(json.dumps({k: v for k, v in summary.items() if k != 'history'}, indent=2))
-    if tracker: tracker.log_artifacts(artifacts + [out/'train_metrics.json'], {'final_valid_accuracy': summary['valid_accuracy']})
+    tracker.log_artifacts([out/'train_metrics.json']); tracker.end()
     if mode: torch.distributed.destroy_process_group()
     get_logger('train').info(f"{cfg.model.name}: valid accuracy {summary['valid_accuracy']:.3f} (chance {summary['chance']:.3f}); "
                              f"train loss {summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}; {out}")
