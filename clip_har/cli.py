@@ -10,7 +10,8 @@ from pathlib import Path
 from .core import *
 
 # %% auto #0
-__all__ = ['build_parser', 'run_validate', 'run_prepare', 'run_zeroshot', 'run_train', 'main']
+__all__ = ['build_parser', 'run_validate', 'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote',
+           'run_hub', 'main']
 
 # %% ../nbs/11_cli.ipynb #9f1437c7
 def _common(p:argparse.ArgumentParser):
@@ -47,6 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', help='run folder (default: <paths.out_dir>/train)')
     p.add_argument('--resume', help='a checkpoints/last.pt to continue from after a crash')
     _common(p); p.set_defaults(run=run_train)
+
+    p = sub.add_parser('evaluate', help='score a trained model on a held-out split: metrics, plots, calibration, HTML report')
+    p.add_argument('--model', help="a classifier file (default: the training run's final model)")
+    p.add_argument('--split', choices=['train', 'valid', 'test'], help='the manifest split to score (default: evaluate.split)')
+    p.add_argument('--manifest', help='a prepared manifest (default: <paths.data_dir>/prepared/manifest.csv)')
+    p.add_argument('--out', help='report folder (default: <paths.out_dir>/evaluate)')
+    _common(p); p.set_defaults(run=run_evaluate)
+
+    p = sub.add_parser('runs', help='compare the tracked runs (MLflow at track.mlflow_uri) and list the registered versions')
+    _common(p); p.set_defaults(run=run_runs)
+
+    p = sub.add_parser('promote', help='point a registry alias (default: champion) at a registered model version')
+    p.add_argument('version', type=int, help='the version of track.register_as to promote')
+    p.add_argument('--alias', default='champion', help='the alias to set (default: champion)')
+    _common(p); p.set_defaults(run=run_promote)
+
+    p = sub.add_parser('hub', help='write a Hugging Face Hub folder (open_clip weights, head, model card); --push uploads it')
+    p.add_argument('--model', help="a classifier file (default: the training run's final model)")
+    p.add_argument('--folder', help='the Hub folder (default: <paths.out_dir>/hub)')
+    p.add_argument('--push', metavar='REPO_ID', help='upload the folder to this Hub repo (needs network and a token)')
+    _common(p); p.set_defaults(run=run_hub)
     return parser
 
 # %% ../nbs/11_cli.ipynb #14c37464
@@ -87,18 +109,65 @@ def run_train(args, cfg:Config) -> int:
                          | {'wise_alpha': res.get('wise_ft', {}).get('best_alpha')}))
     return 0
 
+# %% ../nbs/11_cli.ipynb #ffc54e57
+def run_evaluate(args, cfg:Config) -> int:
+    "`clip-har evaluate`: write the report folder; print the headline figures."
+    from clip_har.evaluate import evaluate
+    res = evaluate(cfg, args.model, args.split, args.manifest, args.out, progress=not args.quiet)
+    print(json.dumps({k: res.get(k) for k in ('model', 'split', 'n', 'top1', 'top5', 'macro_f1', 'macro_auc', 'ece', 'ece_calibrated',
+                                              'temperature', 'smoke_run', 'report')}))
+    return 0
+
+def run_runs(args, cfg:Config) -> int:
+    "`clip-har runs`: the run comparison table and the registered versions, as markdown."
+    from clip_har.tracking import compare_runs, model_versions
+    runs = compare_runs(cfg.track.mlflow_uri, cfg.track.experiment)
+    print(f'## Runs of {cfg.track.experiment} ({cfg.track.mlflow_uri})\n')
+    print(runs.to_markdown(index=False, floatfmt='.4f') if len(runs) else 'no runs yet')
+    if cfg.track.register_as:
+        try: versions = model_versions(cfg.track.mlflow_uri, cfg.track.register_as)
+        except Exception: versions = None
+        print(f'\n## Registered versions of {cfg.track.register_as}\n')
+        print(versions.to_markdown(index=False) if versions is not None and len(versions) else 'none yet')
+    return 0
+
+def run_promote(args, cfg:Config) -> int:
+    "`clip-har promote N`: set the alias on version N of `track.register_as`."
+    from clip_har.tracking import promote
+    if not cfg.track.register_as: raise ConfigError('track.register_as is null: there is no registered model to promote')
+    try: promote(cfg.track.mlflow_uri, cfg.track.register_as, args.version, args.alias)
+    except Exception as e: raise ConfigError(f'cannot promote version {args.version} of {cfg.track.register_as}: {str(e).splitlines()[0][:300]}') from None
+    print(json.dumps({'model': cfg.track.register_as, 'version': args.version, 'alias': args.alias}))
+    return 0
+
+def run_hub(args, cfg:Config) -> int:
+    "`clip-har hub`: write the Hub folder (with the latest evaluation in its card); push it if asked."
+    from clip_har.evaluate import trained_model_path
+    from clip_har.tracking import save_hub_folder, push_to_hub, lineage
+    folder = Path(args.folder or Path(cfg.paths.out_dir)/'hub')
+    if args.push and args.folder and (folder/'clip_har.json').is_file() and not args.model: pushed = push_to_hub(folder, args.push)
+    else:
+        metrics_file = Path(cfg.paths.out_dir)/'evaluate'/'metrics.json'
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        model = Path(args.model) if args.model else trained_model_path(Path(cfg.paths.out_dir)/'train')
+        save_hub_folder(model, folder, metrics, cfg, lineage(cfg))
+        pushed = push_to_hub(folder, args.push) if args.push else None
+    print(json.dumps({'folder': str(folder), 'pushed': pushed}))
+    return 0
+
 # %% ../nbs/11_cli.ipynb #cd10b568
 def main(argv:list[str]|None=None) -> int:
     "Run `clip-har` with `argv` (default: the process arguments); return the exit status."
     from clip_har.data import DataSourceError
     from clip_har.model import ModelLoadError
     from clip_har.train import CheckpointError
+    from clip_har.tracking import HubError
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet: get_logger(level='WARNING')
     try:
         cfg = load_config(args.params, args.overrides)
         return args.run(args, cfg)
-    except (ConfigError, DataSourceError, ModelLoadError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataSourceError, ModelLoadError, CheckpointError, HubError, FileNotFoundError) as e:
         print(f'clip-har {args.command}: error: {e}', file=sys.stderr)
         return 2

@@ -429,7 +429,7 @@ def predict_logits(model:nn.Module, # maps an image batch to logits
     outs, ys = [], []
     for xb, yb in (progress_bar(dl, leave=False) if progress else dl):
         outs.append(model(xb.to(device)).float().cpu()); ys.append(yb.cpu())
-    return torch.cat(outs), torch.cat(ys)
+    return torch.cat(outs).as_subclass(torch.Tensor), torch.cat(ys).as_subclass(torch.Tensor)  # plain tensors, not fastai's subclasses
 
 def classification_metrics(logits:torch.Tensor, # (N, C)
                            targets:torch.Tensor, # (N,)

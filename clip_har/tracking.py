@@ -90,9 +90,9 @@ class Tracker:
     def __init__(self, backends:Sequence=()): self.backends, self.failed = list(backends), []
     @classmethod
     def from_config(cls, cfg:Config, wandb_dir:str|Path|None=None) -> Tracker:
-        "The backends `cfg.track.backends` names."
+        "The backends `cfg.track.backends` names (W&B's offline runs go to `wandb_dir`, default `paths.out_dir`)."
         t = cfg.track
-        make = {'mlflow': lambda: MLflowBackend(t.mlflow_uri, t.experiment), 'wandb': lambda: WandbBackend(t.experiment, wandb_dir)}
+        make = {'mlflow': lambda: MLflowBackend(t.mlflow_uri, t.experiment), 'wandb': lambda: WandbBackend(t.experiment, wandb_dir or cfg.paths.out_dir)}
         return cls([make[b]() for b in t.backends])
     def __repr__(self): return f"Tracker({', '.join(map(repr, self.backends)) or 'nothing'})"
     def _each(self, method:str, *args, **kw) -> dict:
@@ -241,7 +241,7 @@ def log_classifier(model_path:str|Path, # a classifier file from `save_classifie
                                    pip_requirements=_pip_requirements())
     out = dict(model_uri=info.model_uri, run_id=mlflow.active_run().info.run_id, version=None, aliases=[])
     if registered_name:
-        mv = mlflow.register_model(f"runs:/{out['run_id']}/model", registered_name, tags={k: str(v) for k, v in (tags or {}).items()})
+        mv = mlflow.register_model(info.model_uri, registered_name, tags={k: str(v) for k, v in (tags or {}).items()})
         client = mlflow.MlflowClient()
         has_champion = 'champion' in client.get_registered_model(registered_name).aliases
         out['aliases'] = ['candidate'] if has_champion else ['champion', 'candidate']

@@ -258,6 +258,7 @@ def wise_ft_curve(model:nn.Module, # the classifier architecture (its weights ar
                   progress:bool=False,
                  ) -> dict:
     "Validation accuracy of each blend, and the best `alpha`."
+    zs, ft = ({k: v.detach().clone() for k, v in d.items()} for d in (zs, ft))  # `ft` may be `model`'s own tensors, which each blend overwrites
     accs = []
     for a in alphas:
         model.load_state_dict(wise_ft_state(zs, ft, a))
@@ -370,7 +371,7 @@ def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding th
                    out:Path, # gets wise_ft.pt and wise_ft.png
                   ) -> dict:
     "Score the WiSE-FT blends on validation, keep the best in `model`, save it and its curve."
-    ft_state = {k: v.cpu() for k, v in model.state_dict().items()}
+    ft_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     curve = wise_ft_curve(model, zs_state, ft_state, dl, alphas)
     model.load_state_dict(wise_ft_state(zs_state, ft_state, curve['best_alpha']))
     save_classifier(model, meta | {'wise_alpha': curve['best_alpha']}, out/'wise_ft.pt')
@@ -415,7 +416,7 @@ def train(cfg:Config, # all parameters
     if rank == 0: out.mkdir(parents=True, exist_ok=True); save_config(cfg, out/'params.yaml')
     cbs = [TrainState(state, out/'checkpoints', meta, cfg.train.monitor, sharded=mode == 'fsdp')]
     manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
-    tracker = Tracker.from_config(cfg, out) if rank == 0 else Tracker()
+    tracker = Tracker.from_config(cfg) if rank == 0 else Tracker()
     tracker.start(f'train-{cfg.model.name}', config_dict(cfg), lineage(cfg, manifest))
     cbs.append(TrackerCallback(tracker, state, cfg.track.log_every))
     shard_log = ShardLog()

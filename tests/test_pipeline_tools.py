@@ -9,21 +9,21 @@ from conftest import run, copy_checkout, ROOT, BIN
 from clip_har.core import fixtures_dir
 
 def test_dvc_repro_prepare_in_a_fresh_copy(tmp_path):
-    "`dvc repro` builds the manifest in a fresh checkout; a second run does nothing; a param change reruns it."
+    "`dvc repro prepare` builds the manifest in a fresh checkout; a second run does nothing; a param change reruns it."
     repo = copy_checkout(tmp_path/'repo')
     params = yaml.safe_load((repo/'params.yaml').read_text())
     params['data']['source'] = str(fixtures_dir())
     params['data']['valid_pct'] = params['data']['test_pct'] = 0.34
     (repo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
-    r = run(BIN/'dvc', 'repro', cwd=repo, check=True)
+    r = run(BIN/'dvc', 'repro', 'prepare', cwd=repo, check=True)
     m = pd.read_csv(repo/'data'/'prepared'/'manifest.csv')
     assert len(m) == 45 and set(m.split) == {'train', 'valid', 'test'}
     assert (repo/'dvc.lock').exists()
-    again = run(BIN/'dvc', 'repro', cwd=repo, check=True)
+    again = run(BIN/'dvc', 'repro', 'prepare', cwd=repo, check=True)
     assert 'Running stage' not in again.stdout and 'up to date' in again.stdout, again.stdout
     params['seed'] = 7
     (repo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = run(BIN/'dvc', 'repro', cwd=repo, check=True)
+    changed = run(BIN/'dvc', 'repro', 'prepare', cwd=repo, check=True)
     assert "Running stage 'prepare'" in changed.stdout
 
 def test_papermill_runs_the_data_notebook_with_parameters(tmp_path):
@@ -83,3 +83,14 @@ def test_papermill_runs_the_train_notebook_as_a_stage(tmp_path):
     assert m['epochs'] == 2 and (tmp_path/'run'/'wise_ft.png').exists()
     shown = json.dumps([c.get('outputs', []) for c in nbformat.read(out_nb, as_version=4).cells if c.cell_type == 'code'])
     assert 'valid accuracy' in shown and 'image/png' in shown
+
+def test_papermill_runs_the_evaluate_notebook_and_shows_the_report(tmp_path):
+    "The evaluate notebook's stage section writes the report folder and shows the HTML report as notebook output."
+    out_nb = tmp_path/'04_evaluate.out.ipynb'
+    run(BIN/'papermill', ROOT/'nbs'/'04_evaluate.ipynb', out_nb, '-p', 'out_dir', str(tmp_path/'eval'),
+        '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
+    m = json.loads((tmp_path/'eval'/'metrics.json').read_text())
+    assert m['split'] == 'test' and m['smoke_run'] is True and (tmp_path/'eval'/'report.html').exists()
+    outputs = [o for c in nbformat.read(out_nb, as_version=4).cells if c.cell_type == 'code' for o in c.get('outputs', [])]
+    html = [o['data']['text/html'] for o in outputs if 'text/html' in o.get('data', {})]
+    assert any('clip_har evaluation' in h and 'id="per-class"' in h and 'data:image/png;base64,' in h for h in html)

@@ -8,7 +8,7 @@ from conftest import clip_har, env, run, BIN, ROOT
 
 from clip_har.core import TINY_MODEL, fixtures_dir, har_mini_dir
 
-SMOKE = ['--set', f'model.name={TINY_MODEL}', '--set', 'model.pretrained=null', '--set', 'device=cpu', '--set', 'train.track=[]',
+SMOKE = ['--set', f'model.name={TINY_MODEL}', '--set', 'model.pretrained=null', '--set', 'device=cpu', '--set', 'track.backends=[]',
          '--set', 'train.patience=null', '--set', 'data.batch_size=16', '--set', 'train.label_smoothing=0']
 
 def _stages(epochs, lr=1e-2): return ['--set', f'train.stages=[{{name: all, train: all, epochs: {epochs}, lr: {lr}}}]']
@@ -92,8 +92,8 @@ def _free_port() -> int:
 
 def test_mlflow_records_the_run_and_a_dead_server_does_not_stop_training(prepared, tmp_path):
     db = tmp_path/'mlflow.db'
-    r = clip_har('train', *_paths(prepared), *SMOKE, *_stages(2), '--out', tmp_path/'ok', '--set', 'train.track=[mlflow]',
-                 '--set', f'train.mlflow_uri=sqlite:///{db}', '-q')
+    r = clip_har('train', *_paths(prepared), *SMOKE, *_stages(2), '--out', tmp_path/'ok', '--set', 'track.backends=[mlflow]',
+                 '--set', f'track.mlflow_uri=sqlite:///{db}', '-q')
     assert r.returncode == 0, r.stderr
     import mlflow
     client = mlflow.MlflowClient(f'sqlite:///{db}')
@@ -102,10 +102,13 @@ def test_mlflow_records_the_run_and_a_dead_server_does_not_stop_training(prepare
     run_ = runs[0]
     assert run_.data.params['model.name'] == TINY_MODEL and 'train_loss' in run_.data.metrics and 'lr' in run_.data.metrics
     assert len(client.get_metric_history(run_.info.run_id, 'accuracy')) == 2
+    steps = client.get_metric_history(run_.info.run_id, 'train_loss_step')  # every track.log_every (10) batches
+    assert steps and all(m.step % 10 == 0 for m in steps)
+    assert len(run_.data.tags['git_commit']) == 40 and len(run_.data.tags['manifest_sha256']) == 64
     assert {a.path for a in client.list_artifacts(run_.info.run_id)} >= {'model.pt', 'history.csv', 'wise_ft.png'}
     dead = f'http://127.0.0.1:{_free_port()}'
-    r = clip_har('train', *_paths(prepared), *SMOKE, *_stages(1), '--out', tmp_path/'dead', '--set', 'train.track=[mlflow]',
-                 '--set', f'train.mlflow_uri={dead}', '-q', timeout=300)
+    r = clip_har('train', *_paths(prepared), *SMOKE, *_stages(1), '--out', tmp_path/'dead', '--set', 'track.backends=[mlflow]',
+                 '--set', f'track.mlflow_uri={dead}', '-q', timeout=300)
     assert r.returncode == 0, r.stderr
     assert 'tracking failed (MLflow at ' in r.stderr and (tmp_path/'dead'/'model.pt').exists()
 
