@@ -11,7 +11,7 @@ from .core import *
 
 # %% auto #0
 __all__ = ['build_parser', 'run_validate', 'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote',
-           'run_hub', 'main']
+           'run_hub', 'run_export', 'run_predict', 'run_benchmark', 'main']
 
 # %% ../nbs/11_cli.ipynb #9f1437c7
 def _common(p:argparse.ArgumentParser):
@@ -69,6 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--folder', help='the Hub folder (default: <paths.out_dir>/hub)')
     p.add_argument('--push', metavar='REPO_ID', help='upload the folder to this Hub repo (needs network and a token)')
     _common(p); p.set_defaults(run=run_hub)
+
+    p = sub.add_parser('export', help='export the trained classifier to ONNX (fp32/fp16/int8), TorchScript or TensorRT, each checked against PyTorch')
+    p.add_argument('--model', help="a classifier file (default: the training run's final model)")
+    p.add_argument('--manifest', help='prepared data for calibration and checks (default: <paths.data_dir>/prepared/manifest.csv)')
+    p.add_argument('--out', help='exports folder (default: <paths.out_dir>/export)')
+    _common(p); p.set_defaults(run=run_export)
+
+    p = sub.add_parser('predict', help='predict a folder, a .txt list or a CSV/parquet of images (or videos) into a parquet file; resumable')
+    p.add_argument('input', help='a folder, a .txt of paths, a CSV/parquet with a path column, or one image')
+    p.add_argument('--model', required=True, help='a classifier file, an export folder or its manifest.json')
+    p.add_argument('--backend', help='pytorch, torchscript, onnx or tensorrt (default: the model\'s)')
+    p.add_argument('--out', default='predictions.parquet', help='the parquet file (default: predictions.parquet)')
+    p.add_argument('--top-k', type=int, default=5, help='labels per image (default: 5)')
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--labels', help='comma-separated labels for open-vocabulary prediction (default: the trained ones)')
+    _common(p); p.set_defaults(run=run_predict)
+
+    p = sub.add_parser('benchmark', help='latency p50/p95/p99, throughput and peak memory of every backend, side by side')
+    p.add_argument('--model-name', default='ViT-B-32', help='model shape, random weights (default: ViT-B-32)')
+    p.add_argument('--out', help='results folder (default: <paths.out_dir>/benchmark)')
+    p.add_argument('--runs', type=int, default=20, help='timed runs at batch 1 (default: 20)')
+    p.add_argument('--batch-sizes', default='1,8,32', help='comma-separated (default: 1,8,32)')
+    _common(p); p.set_defaults(run=run_benchmark)
     return parser
 
 # %% ../nbs/11_cli.ipynb #14c37464
@@ -155,6 +178,36 @@ def run_hub(args, cfg:Config) -> int:
     print(json.dumps({'folder': str(folder), 'pushed': pushed}))
     return 0
 
+# %% ../nbs/11_cli.ipynb #87e6fc6c
+def run_export(args, cfg:Config) -> int:
+    "`clip-har export`: one folder per format and precision; print their parity figures."
+    from clip_har.export import export_from_config
+    done = export_from_config(cfg, args.model, args.manifest, args.out, progress=not args.quiet)
+    print(json.dumps([{'export': m['folder'], **m['parity']} for m in done]))
+    return 0
+
+def run_predict(args, cfg:Config) -> int:
+    "`clip-har predict`: resumable batch prediction into a parquet file (data-parallel under torchrun)."
+    from clip_har.inference import Predictor, list_inputs, predict_distributed, predict_files
+    inputs = list_inputs(args.input)
+    if args.labels:
+        pred = Predictor(args.model, args.backend).set_labels([l.strip() for l in args.labels.split(',') if l.strip()])
+        df = predict_files(pred, inputs, args.out, args.top_k, args.batch_size, progress=not args.quiet)
+    else: df = predict_distributed(args.model, inputs, args.out, args.backend, args.top_k, args.batch_size, progress=not args.quiet)
+    if df is not None:
+        print(json.dumps({'out': str(args.out), 'predicted': int(df.error.isna().sum()), 'failed': int(df.error.notna().sum()),
+                          'failed_inputs': df[df.error.notna()].path.tolist()[:20]}))
+    return 0
+
+def run_benchmark(args, cfg:Config) -> int:
+    "`clip-har benchmark`: time every backend; write benchmark.md/.json/.png."
+    from clip_har.inference import benchmark_backends
+    out = Path(args.out or Path(cfg.paths.out_dir)/'benchmark')
+    benchmark_backends(args.model_name, out, [int(b) for b in args.batch_sizes.split(',')], args.runs, cfg.export.formats + ['torchscript'] * ('torchscript' not in cfg.export.formats),
+                       cfg.export.precisions, 'cuda' if cfg.device == 'cuda' else 'cpu')
+    print((out/'benchmark.md').read_text())
+    return 0
+
 # %% ../nbs/11_cli.ipynb #cd10b568
 def main(argv:list[str]|None=None) -> int:
     "Run `clip-har` with `argv` (default: the process arguments); return the exit status."
@@ -162,12 +215,13 @@ def main(argv:list[str]|None=None) -> int:
     from clip_har.model import ModelLoadError
     from clip_har.train import CheckpointError
     from clip_har.tracking import HubError
+    from clip_har.export import ExportError
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet: get_logger(level='WARNING')
     try:
         cfg = load_config(args.params, args.overrides)
         return args.run(args, cfg)
-    except (ConfigError, DataSourceError, ModelLoadError, CheckpointError, HubError, FileNotFoundError) as e:
+    except (ConfigError, DataSourceError, ModelLoadError, CheckpointError, HubError, ExportError, FileNotFoundError) as e:
         print(f'clip-har {args.command}: error: {e}', file=sys.stderr)
         return 2

@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'HAR_MINI_MISSING', 'get_logger', 'ConfigError', 'PathsConfig',
-           'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'Config',
-           'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything',
-           'get_device', 'hub_offline', 'hub_reachable', 'register_test_models', 'running_benchmarks', 'repo_root',
-           'fixtures_dir', 'har_mini_dir']
+           'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit',
+           'ExportConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config',
+           'seed_everything', 'get_device', 'hub_offline', 'hub_reachable', 'register_test_models',
+           'running_benchmarks', 'repo_root', 'fixtures_dir', 'har_mini_dir']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -137,6 +137,22 @@ class TrackConfig(_Section):
     log_every: int = Field(10, ge=1)  # log the training loss every this many batches
     register_as: str|None = 'clip-har'  # registered model name in MLflow's registry; null: log the model, do not register it
 
+class ParityLimit(_Section):
+    "How close an export must stay to PyTorch on the validation images."
+    max_abs: float|None = Field(None, gt=0)  # largest allowed |logit difference|; null: not checked
+    agreement: float = Field(1.0, ge=0, le=1)  # smallest allowed share of images with the same top-1 label
+
+class ExportConfig(_Section):
+    "Export formats and precisions, their parity thresholds, and how many real images calibrate and check them."
+    formats: list[Literal['onnx', 'torchscript', 'tensorrt']] = ['onnx']
+    precisions: list[Literal['fp32', 'fp16', 'int8']] = ['fp32', 'fp16', 'int8']  # ONNX and TensorRT; TorchScript is fp32
+    opset: int = Field(17, ge=13)
+    calibration_images: int = Field(64, ge=1)  # int8 calibration, from the train split
+    validation_images: int = Field(64, ge=2)  # parity check, from the valid split
+    thresholds: dict[Literal['fp32', 'fp16', 'int8'], ParityLimit] = {
+        'fp32': ParityLimit(max_abs=1e-3, agreement=1.0), 'fp16': ParityLimit(max_abs=0.25, agreement=0.98),
+        'int8': ParityLimit(max_abs=None, agreement=0.9)}
+
 class Config(_Section):
     "All of clip_har's parameters, as read from `params.yaml`."
     seed: int = 42  # seeds python, numpy and torch
@@ -147,6 +163,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     track: TrackConfig = TrackConfig()
+    export: ExportConfig = ExportConfig()
 
 # %% ../nbs/00_core.ipynb #5aee40e4
 def close_matches(name:str, # what the user wrote
