@@ -242,10 +242,11 @@ def predict_distributed(model:str|Path, inputs:Sequence[str], out:str|Path, back
 
 # %% ../nbs/07_inference.ipynb #0150dbcc
 def _bench_worker(model:str, backend:str, batch_sizes:Sequence[int], runs:int, device:str, providers) -> dict:
-    "Time one backend in this (fresh) process; memory is the peak over what the process held before loading the model."
-    import resource
+    "Time one backend in this (fresh) process; memory is the most the process held above what it held before loading the model."
+    import psutil  # a dependency of accelerate
+    proc = psutil.Process()
     torch.set_num_threads(os.cpu_count() or 1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak = proc.memory_info().rss / 2**20
     pred = Predictor(model, device=device, providers=providers)
     size = pred.preprocess['size']
     res = dict(backend=backend, precision=pred.manifest['precision'], rows=[])
@@ -258,11 +259,11 @@ def _bench_worker(model:str, backend:str, batch_sizes:Sequence[int], runs:int, d
             t0 = time.perf_counter(); pred.scores(x)
             if device.startswith('cuda'): torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            peak = max(peak, proc.memory_info().rss / 2**20)
         ms = np.array(times) * 1000
         res['rows'].append(dict(batch=bs, runs=n, p50_ms=float(np.percentile(ms, 50)), p95_ms=float(np.percentile(ms, 95)),
                                 p99_ms=float(np.percentile(ms, 99)), images_per_s=float(bs / np.median(ms) * 1000)))
-    res['peak_mem_mb'] = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else
-                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+    res['peak_mem_mb'] = torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else peak - before
     return res
 
 def benchmark_backends(name:str='ViT-B-32', # model shape (random weights)
