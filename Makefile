@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := CLIP_HAR_BENCH=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DO_NOT_TRACK=1
 DEMO_SOURCE := $(shell [ -f ../shared/data/har-mini/labels.csv ] && echo ../shared/data/har-mini || echo nbs/fixtures/har-tiny)
 
-.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train clean
+.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train bench-infer clean
 
 $(STAMP): settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,13 +20,14 @@ $(STAMP): settings.ini setup.py
 install: $(STAMP)
 
 ## The main job, with params.yaml as it is: prepare data.source, score the zero-shot classifier of model.*, fine-tune,
-## evaluate on the test split (report, registry), write the Hub folder.
+## evaluate on the test split (report, registry), write the Hub folder, export to ONNX.
 run: install
 	$(BIN)/clip-har prepare
 	$(BIN)/clip-har zeroshot
 	$(BIN)/clip-har train
 	$(BIN)/clip-har evaluate
 	$(BIN)/clip-har hub
+	$(BIN)/clip-har export
 
 ## The same job offline on har-mini (or the committed fixtures) with the tiny test CLIP: a smoke run (metrics say so).
 DEMO := --set paths.out_dir=outputs/demo --set paths.data_dir=outputs/demo/data --set model.name=clip-har-tiny-test --set model.pretrained=null
@@ -38,6 +39,7 @@ demo: install
 	$(OFFLINE) $(BIN)/clip-har train $(DEMO) $(DEMO_TRAIN)
 	$(OFFLINE) $(BIN)/clip-har evaluate $(DEMO) $(DEMO_TRAIN)
 	$(OFFLINE) $(BIN)/clip-har hub $(DEMO) $(DEMO_TRAIN)
+	$(OFFLINE) $(BIN)/clip-har export $(DEMO) $(DEMO_TRAIN) --set export.thresholds.fp16.agreement=0.9 --set export.thresholds.int8.agreement=0.5
 	$(OFFLINE) $(BIN)/clip-har runs $(DEMO) $(DEMO_TRAIN)
 
 test: install check nbtest docs pytest
@@ -52,7 +54,7 @@ docs: install
 	$(OFFLINE) $(BIN)/python tools/docs.py
 
 pytest: install
-	$(OFFLINE) $(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(OFFLINE) $(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=12
 
 ## After editing notebooks: export the package, clean the notebooks, render the README.
 export: install
@@ -66,6 +68,10 @@ bench-train: install
 
 bench-model: install
 	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/python -c "from clip_har.model import benchmark_classifier_build as b; b('ViT-B-32'); b('ViT-B-32', 'imagenet')"
+
+## Every inference backend side by side (ViT-B/32 shapes, random weights): outputs/benchmark/benchmark.md
+bench-infer: install
+	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/clip-har benchmark --set device=cpu --out outputs/benchmark
 
 clean:
 	rm -rf _proc _docs .pytest_cache

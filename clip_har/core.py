@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #5a8a07da
 from __future__ import annotations
-import difflib, logging, os, random
+import difflib, hashlib, logging, os, random
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'HAR_MINI_MISSING', 'get_logger', 'ConfigError', 'PathsConfig',
            'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit',
            'ExportConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config',
-           'seed_everything', 'get_device', 'hub_offline', 'hub_reachable', 'register_test_models',
+           'seed_everything', 'get_device', 'hub_offline', 'hub_reachable', 'register_test_models', 'file_sha256',
            'running_benchmarks', 'repo_root', 'fixtures_dir', 'har_mini_dir']
 
 # %% ../nbs/00_core.ipynb #84935b37
@@ -304,6 +304,14 @@ def register_test_models() -> str:
         (d/f'{TINY_MODEL}.json').write_text(json.dumps(TINY_MODEL_CFG))
         open_clip.add_model_config(d/f'{TINY_MODEL}.json')
     return TINY_MODEL
+
+# %% ../nbs/00_core.ipynb #f78e8e4a
+def file_sha256(path:str|Path) -> str:
+    "sha256 of a file's bytes, read in 1 MiB chunks."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
+    return h.hexdigest()
 
 # %% ../nbs/00_core.ipynb #a8efee11
 def running_benchmarks() -> bool:

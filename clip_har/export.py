@@ -16,7 +16,7 @@ from .model import load_clip
 
 # %% auto #0
 __all__ = ['EXPORT_FORMAT', 'FORMATS', 'PRECISIONS', 'BACKENDS', 'TENSORRT_MISSING', 'ImageGraph', 'TextGraph', 'ExportError',
-           'file_sha256', 'manifest_path', 'read_export', 'export_onnx', 'onnx_fp16', 'onnx_int8', 'onnx_session',
+           'manifest_path', 'read_export', 'export_onnx', 'onnx_fp16', 'onnx_int8', 'onnx_session',
            'export_torchscript', 'load_torchscript', 'tensorrt', 'build_tensorrt_engine', 'OnnxRunner',
            'TorchScriptRunner', 'TensorRTRunner', 'runner', 'parity', 'check_parity', 'export_model',
            'export_from_config']
@@ -42,13 +42,6 @@ BACKENDS = ('pytorch', 'torchscript', 'onnx', 'tensorrt')
 
 class ExportError(ValueError):
     "An export that cannot be made, validated or loaded; the message says why."
-
-def file_sha256(path:str|Path) -> str:
-    "sha256 of a file's bytes."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
-    return h.hexdigest()
 
 def manifest_path(path:str|Path) -> Path:
     "The `manifest.json` of an export folder (or the file itself)."

@@ -19,10 +19,9 @@ try: from mlflow.pyfunc import PythonModel  # the `track` extra
 except ImportError: PythonModel = object
 
 # %% auto #0
-__all__ = ['HAR_CAVEATS', 'HUB_FORMAT', 'flat_params', 'MLflowBackend', 'WandbBackend', 'Tracker', 'git_state', 'file_sha256',
-           'lineage', 'TrackerCallback', 'pyfunc_images', 'HarPyfuncModel', 'log_classifier', 'promote',
-           'model_versions', 'compare_runs', 'model_card', 'save_hub_folder', 'load_hub_classifier', 'HubError',
-           'push_to_hub']
+__all__ = ['HAR_CAVEATS', 'HUB_FORMAT', 'flat_params', 'MLflowBackend', 'WandbBackend', 'Tracker', 'git_state', 'lineage',
+           'TrackerCallback', 'pyfunc_images', 'HarPyfuncModel', 'log_classifier', 'promote', 'model_versions',
+           'compare_runs', 'model_card', 'save_hub_folder', 'load_hub_classifier', 'HubError', 'push_to_hub']
 
 # %% ../nbs/05_tracking.ipynb #f8414425
 def flat_params(d:Mapping, prefix:str='') -> dict:
@@ -144,13 +143,6 @@ def git_state(path:str|Path|None=None) -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
     commit = git('rev-parse', 'HEAD')
     return dict(git_commit=commit, git_dirty=bool(git('status', '--porcelain')) if commit else None)
-
-def file_sha256(path:str|Path) -> str:
-    "sha256 of a file's bytes."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
-    return h.hexdigest()
 
 def lineage(cfg:Config, # the run's parameters
             manifest:str|Path|None=None, # the data manifest it read

@@ -36,6 +36,19 @@ def chromium() -> str:
     if exe is None: pytest.skip('no chromium on this machine (apt-get install chromium; .ci/run installs it in CI)')
     return exe
 
+def run_paths(tmp) -> list[str]:
+    "`--set` overrides that put a run's data, cache and outputs under `tmp`."
+    return ['--set', f'paths.data_dir={tmp}/data', '--set', f'paths.cache_dir={tmp}/cache', '--set', f'paths.out_dir={tmp}/out']
+
+def prepare_real_images(tmp, fixture_test_pct=0.34) -> Path:
+    "har-mini (or, without it, the committed fixtures with a `fixture_test_pct` test split) prepared under `tmp`."
+    from clip_har.core import har_mini_dir, fixtures_dir
+    source = har_mini_dir() or fixtures_dir()
+    extra = [] if har_mini_dir() else ['--set', 'data.valid_pct=0.34', '--set', f'data.test_pct={fixture_test_pct}']
+    r = clip_har('prepare', *run_paths(tmp), '--set', f'data.source={source}', *extra, '-q')
+    assert r.returncode == 0, r.stderr
+    return tmp
+
 def copy_checkout(dest: Path) -> Path:
     "A git repository at `dest` holding the files of this checkout that git tracks or would track."
     files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()

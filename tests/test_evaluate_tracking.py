@@ -1,11 +1,11 @@
 """Evaluation and tracking for real: a tracking server on loopback, the registry, the pyfunc model (loaded and served),
 the HTML report in chromium, DVC's metrics and plots, and the errors users can cause."""
-import base64, json, socket, subprocess, tempfile, time, urllib.request
+import base64, json, re, socket, subprocess, tempfile, time, urllib.request
 from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import clip_har, copy_checkout, env, run, BIN, ROOT
+from conftest import clip_har, copy_checkout, env, run, run_paths, prepare_real_images, BIN, ROOT
 
 from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, har_mini_dir
 
@@ -15,7 +15,7 @@ SMOKE = ['--set', f'model.name={TINY_MODEL}', '--set', 'model.pretrained=null', 
 def _free_port() -> int:
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def _paths(tmp): return ['--set', f'paths.data_dir={tmp}/data', '--set', f'paths.cache_dir={tmp}/cache', '--set', f'paths.out_dir={tmp}/out']
+_paths = run_paths
 
 def _images(n=6) -> list[Path]:
     "Real HAR photos: from har-mini when it is here, else the committed fixtures."
@@ -24,13 +24,8 @@ def _images(n=6) -> list[Path]:
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
-    "The fixtures, prepared with a test split (or har-mini when it is here)."
-    tmp = tmp_path_factory.mktemp('eval')
-    source = har_mini_dir() or fixtures_dir()
-    extra = [] if har_mini_dir() else ['--set', 'data.valid_pct=0.34', '--set', 'data.test_pct=0.34']
-    r = clip_har('prepare', *_paths(tmp), '--set', f'data.source={source}', *extra, '-q')
-    assert r.returncode == 0, r.stderr
-    return tmp
+    "har-mini (or the fixtures, with a test split) prepared once for this module."
+    return prepare_real_images(tmp_path_factory.mktemp('eval'))
 
 def _wait_http(url, proc, seconds=120):
     deadline = time.time() + seconds
@@ -80,6 +75,14 @@ def test_training_against_a_tracking_server_registers_a_model_that_serves(prepar
     ev = [r for r in client.search_runs([run_.info.experiment_id]) if r.info.run_name.startswith('evaluate-')]
     assert len(ev) == 1 and 'test_top1' in ev[0].data.metrics  # --model given: evaluation is a run of its own
     assert 'evaluation/report.html' in {a.path for a in client.list_artifacts(ev[0].info.run_id, 'evaluation')}
+
+    table = clip_har('runs', *track, '-q')
+    versions = table.stdout.split('Registered versions')[1]
+    assert table.returncode == 0 and summary['mlflow_run_id'] in table.stdout and re.search(r'\|\s+1\s+\|\s+candidate,champion', versions), table.stdout
+    assert clip_har('promote', '1', '--alias', 'production', *track, '-q').returncode == 0
+    assert client.get_model_version_by_alias('har-clip', 'production').version == '1'
+    bad = clip_har('promote', '99', *track, '-q')
+    assert bad.returncode == 2 and 'cannot promote version 99 of har-clip' in bad.stderr, bad.stderr
 
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model('models:/har-clip@champion')

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from conftest import clip_har, run, BIN
+from conftest import clip_har, run, run_paths, BIN
 
 from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir
 
@@ -15,7 +15,7 @@ SMOKE = ['--set', f'model.name={TINY_MODEL}', '--set', 'model.pretrained=null', 
 # a random tiny model's logits sit close together: fp16 and int8 flip more top-1 labels than a trained ViT's would
 TINY_LIMITS = ['--set', 'export.thresholds.fp16.agreement=0.9', '--set', 'export.thresholds.int8.agreement=0.5']
 
-def _paths(tmp): return ['--set', f'paths.data_dir={tmp}/data', '--set', f'paths.cache_dir={tmp}/cache', '--set', f'paths.out_dir={tmp}/out']
+_paths = run_paths
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):

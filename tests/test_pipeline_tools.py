@@ -1,4 +1,4 @@
-"""The project's machinery, run for real: DVC's prepare stage in a fresh copy, papermill, and the notebook sync guard."""
+"""The project's machinery, run for real: papermill runs of the stage notebooks and the notebook sync guard (DVC: test_evaluate_tracking)."""
 import json, subprocess, sys
 from pathlib import Path
 import nbformat
@@ -7,24 +7,6 @@ import yaml
 from conftest import run, copy_checkout, ROOT, BIN
 
 from clip_har.core import fixtures_dir
-
-def test_dvc_repro_prepare_in_a_fresh_copy(tmp_path):
-    "`dvc repro prepare` builds the manifest in a fresh checkout; a second run does nothing; a param change reruns it."
-    repo = copy_checkout(tmp_path/'repo')
-    params = yaml.safe_load((repo/'params.yaml').read_text())
-    params['data']['source'] = str(fixtures_dir())
-    params['data']['valid_pct'] = params['data']['test_pct'] = 0.34
-    (repo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
-    r = run(BIN/'dvc', 'repro', 'prepare', cwd=repo, check=True)
-    m = pd.read_csv(repo/'data'/'prepared'/'manifest.csv')
-    assert len(m) == 45 and set(m.split) == {'train', 'valid', 'test'}
-    assert (repo/'dvc.lock').exists()
-    again = run(BIN/'dvc', 'repro', 'prepare', cwd=repo, check=True)
-    assert 'Running stage' not in again.stdout and 'up to date' in again.stdout, again.stdout
-    params['seed'] = 7
-    (repo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = run(BIN/'dvc', 'repro', 'prepare', cwd=repo, check=True)
-    assert "Running stage 'prepare'" in changed.stdout
 
 def test_papermill_runs_the_data_notebook_with_parameters(tmp_path):
     "The data notebook runs headless under papermill with injected parameters and leaves its manifest."

@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import clip_har, env, run, BIN, ROOT
+from conftest import clip_har, env, run, run_paths, prepare_real_images, BIN, ROOT
 
 from clip_har.core import TINY_MODEL, fixtures_dir, har_mini_dir
 
@@ -13,17 +13,12 @@ SMOKE = ['--set', f'model.name={TINY_MODEL}', '--set', 'model.pretrained=null', 
 
 def _stages(epochs, lr=1e-2): return ['--set', f'train.stages=[{{name: all, train: all, epochs: {epochs}, lr: {lr}}}]']
 
-def _paths(tmp): return ['--set', f'paths.data_dir={tmp}/data', '--set', f'paths.cache_dir={tmp}/cache', '--set', f'paths.out_dir={tmp}/out']
+_paths = run_paths
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
     "har-mini (or the fixtures) prepared once for this module."
-    tmp = tmp_path_factory.mktemp('train')
-    source = har_mini_dir() or fixtures_dir()
-    extra = [] if har_mini_dir() else ['--set', 'data.valid_pct=0.34', '--set', 'data.test_pct=0.0']
-    r = clip_har('prepare', *_paths(tmp), '--set', f'data.source={source}', *extra, '-q')
-    assert r.returncode == 0, r.stderr
-    return tmp
+    return prepare_real_images(tmp_path_factory.mktemp('train'), fixture_test_pct=0.0)
 
 def test_tiny_model_learns_on_har_mini(har_mini, prepared):
     "3 epochs from random init on CPU: validation accuracy clearly above chance, training loss falls."
