@@ -144,6 +144,12 @@ def git_state(path:str|Path|None=None) -> dict:
     commit = git('rev-parse', 'HEAD')
     return dict(git_commit=commit, git_dirty=bool(git('status', '--porcelain')) if commit else None)
 
+def _prepared_source(manifest:Path) -> str|None:
+    "The source `prepare` read, from the validation report it left beside the manifest."
+    rep = manifest.parent/'validation'/'report.json'
+    try: return str(json.loads(rep.read_text())['source']) if rep.is_file() else None
+    except (ValueError, KeyError): return None
+
 def lineage(cfg:Config, # the run's parameters
             manifest:str|Path|None=None, # the data manifest it read
            ) -> dict:
@@ -152,7 +158,7 @@ def lineage(cfg:Config, # the run's parameters
     manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
     return dict(**git_state(), manifest=str(manifest), manifest_sha256=file_sha256(manifest) if manifest.is_file() else None,
                 params_sha256=hashlib.sha256(json.dumps(config_dict(cfg), sort_keys=True).encode()).hexdigest(),
-                clip_har_version=__version__, data_source=str(cfg.data.source), model=cfg.model.name,
+                clip_har_version=__version__, data_source=_prepared_source(manifest) or str(cfg.data.source), model=cfg.model.name,
                 smoke_run=cfg.model.pretrained is None or cfg.model.name == TINY_MODEL)
 
 # %% ../nbs/05_tracking.ipynb #16e581c7
@@ -291,12 +297,13 @@ def model_card(meta:dict, # the classifier's meta: model, pretrained, labels, he
               ) -> str:
     "A Hugging Face model card (README.md with YAML metadata) for a trained classifier."
     m, L = metrics or {}, lineage_tags or {}
+    source = L.get('data_source') or (cfg.data.source if cfg else 'HAR')
     smoke = meta.get('pretrained') is None or meta.get('model') == TINY_MODEL or m.get('smoke_run')
     front = ['---', 'library_name: open_clip', 'license: apache-2.0', 'pipeline_tag: image-classification',
              'tags: [clip, open_clip, action-recognition, clip_har]']
     if m.get('top1') is not None:
         front += ['model-index:', f"- name: {meta['model']} clip_har", '  results:', '  - task: {type: image-classification}',
-                  f"    dataset: {{name: {cfg.data.source if cfg else 'HAR'}, type: image-classification, split: {m.get('split', 'test')}}}",
+                  f"    dataset: {{name: {source}, type: image-classification, split: {m.get('split', 'test')}}}",
                   '    metrics:', f"    - {{type: accuracy, value: {m['top1']:.4f}}}"]
         if m.get('macro_f1') is not None: front.append(f"    - {{type: f1, value: {m['macro_f1']:.4f}, name: macro F1}}")
     lines = front + ['---', '', f"# {meta['model']} fine-tuned for human action recognition (clip_har)", '']
@@ -308,7 +315,7 @@ def model_card(meta:dict, # the classifier's meta: model, pretrained, labels, he
     if m:
         lines += ['## Evaluation', '', f"Protocol: the `{m.get('split', 'test')}` split of the prepared data, {m.get('n', '?')} images"
                   + (f"; split seeded ({cfg.seed}), stratified by label, valid {cfg.data.valid_pct:.0%} / test {cfg.data.test_pct:.0%}, "
-                     f"byte-identical duplicates kept in one split; data source `{cfg.data.source}`" if cfg else '')
+                     f"byte-identical duplicates kept in one split; data source `{source}`" if cfg else '')
                   + (f"; manifest sha256 `{L['manifest_sha256'][:12]}`, code `{(L.get('git_commit') or '?')[:12]}`" if L.get('manifest_sha256') else '')
                   + '.', '', '| metric | value |', '|---|---|']
         for k, name in [('top1', 'top-1 accuracy'), ('top5', 'top-5 accuracy'), ('macro_f1', 'macro F1'), ('weighted_f1', 'weighted F1'),
