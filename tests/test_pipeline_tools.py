@@ -3,22 +3,25 @@ import json, subprocess, sys
 from pathlib import Path
 import nbformat
 import pandas as pd
-import yaml
 from conftest import run, copy_checkout, ROOT, BIN
 
 from clip_har.core import fixtures_dir
 
-def test_papermill_runs_the_data_notebook_with_parameters(tmp_path):
-    "The data notebook runs headless under papermill with injected parameters and leaves its manifest."
-    out_nb = tmp_path/'01_data.out.ipynb'
-    run(BIN/'papermill', ROOT/'nbs'/'01_data.ipynb', out_nb, '-p', 'source', str(fixtures_dir()/'train'),
-        '-p', 'out_dir', str(tmp_path/'prepared'), '-y', 'overrides: {data.valid_pct: 0.5, data.test_pct: 0.0}',
-        '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
-    m = pd.read_csv(tmp_path/'prepared'/'manifest.csv')
-    assert len(m) == 30 and m.split.value_counts().to_dict() == {'train': 15, 'valid': 15}
+def _papermill(tmp_path, name, *args) -> list[dict]:
+    "Run `nbs/<name>.ipynb` headless with papermill and `args`; return the outputs of its code cells."
+    out_nb = tmp_path/f'{name}.out.ipynb'
+    run(BIN/'papermill', ROOT/'nbs'/f'{name}.ipynb', out_nb, *args, '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
     nb = nbformat.read(out_nb, as_version=4)
     assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
-    shown = json.dumps([c.get('outputs', []) for c in nb.cells if c.cell_type == 'code'])
+    return [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
+
+def test_papermill_runs_the_data_notebook_with_parameters(tmp_path):
+    "The data notebook runs headless under papermill with injected parameters and leaves its manifest."
+    outputs = _papermill(tmp_path, '01_data', '-p', 'source', str(fixtures_dir()/'train'),
+                         '-p', 'out_dir', str(tmp_path/'prepared'), '-y', 'overrides: {data.valid_pct: 0.5, data.test_pct: 0.0}')
+    m = pd.read_csv(tmp_path/'prepared'/'manifest.csv')
+    assert len(m) == 30 and m.split.value_counts().to_dict() == {'train': 15, 'valid': 15}
+    shown = json.dumps(outputs)
     assert 'Data validation' in shown and 'image/png' in shown
 
 def _guard(repo: Path) -> subprocess.CompletedProcess:
@@ -47,32 +50,25 @@ def test_sync_guard_catches_unexported_and_unclean_notebooks(tmp_path):
 
 def test_papermill_runs_the_model_notebook_as_a_zeroshot_stage(tmp_path):
     "The model notebook's stage section scores the tiny model on a prepared split and writes its metrics."
-    out_nb = tmp_path/'02_model.out.ipynb'
-    run(BIN/'papermill', ROOT/'nbs'/'02_model.ipynb', out_nb, '-p', 'split', 'valid', '-p', 'out_dir', str(tmp_path/'zs'),
-        '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
+    outputs = _papermill(tmp_path, '02_model', '-p', 'split', 'valid', '-p', 'out_dir', str(tmp_path/'zs'))
     m = json.loads((tmp_path/'zs'/'metrics.json').read_text())
     assert m['split'] == 'valid' and m['smoke_run'] is True and m['n'] > 0
-    shown = json.dumps([c.get('outputs', []) for c in nbformat.read(out_nb, as_version=4).cells if c.cell_type == 'code'])
+    shown = json.dumps(outputs)
     assert 'zero-shot on' in shown and 'image/png' in shown
 
 def test_papermill_runs_the_train_notebook_as_a_stage(tmp_path):
     "The train notebook's stage section fine-tunes the tiny model with injected overrides and writes the run folder."
-    out_nb = tmp_path/'03_train.out.ipynb'
-    run(BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', out_nb, '-p', 'out_dir', str(tmp_path/'run'),
-        '-y', 'overrides: {train.stages: [{name: all, train: all, epochs: 2, lr: 0.01}]}',
-        '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
+    outputs = _papermill(tmp_path, '03_train', '-p', 'out_dir', str(tmp_path/'run'),
+                         '-y', 'overrides: {train.stages: [{name: all, train: all, epochs: 2, lr: 0.01}]}')
     m = json.loads((tmp_path/'run'/'train_metrics.json').read_text())
     assert m['epochs'] == 2 and (tmp_path/'run'/'wise_ft.png').exists()
-    shown = json.dumps([c.get('outputs', []) for c in nbformat.read(out_nb, as_version=4).cells if c.cell_type == 'code'])
+    shown = json.dumps(outputs)
     assert 'valid accuracy' in shown and 'image/png' in shown
 
 def test_papermill_runs_the_evaluate_notebook_and_shows_the_report(tmp_path):
     "The evaluate notebook's stage section writes the report folder and shows the HTML report as notebook output."
-    out_nb = tmp_path/'04_evaluate.out.ipynb'
-    run(BIN/'papermill', ROOT/'nbs'/'04_evaluate.ipynb', out_nb, '-p', 'out_dir', str(tmp_path/'eval'),
-        '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
+    outputs = _papermill(tmp_path, '04_evaluate', '-p', 'out_dir', str(tmp_path/'eval'))
     m = json.loads((tmp_path/'eval'/'metrics.json').read_text())
     assert m['split'] == 'test' and m['smoke_run'] is True and (tmp_path/'eval'/'report.html').exists()
-    outputs = [o for c in nbformat.read(out_nb, as_version=4).cells if c.cell_type == 'code' for o in c.get('outputs', [])]
     html = [o['data']['text/html'] for o in outputs if 'text/html' in o.get('data', {})]
     assert any('clip_har evaluation' in h and 'id="per-class"' in h and 'data:image/png;base64,' in h for h in html)
