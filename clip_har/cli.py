@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p); p.set_defaults(run=run_train)
 
     p = sub.add_parser('evaluate', help='score a trained model on a held-out split: metrics, plots, calibration, HTML report')
-    p.add_argument('--model', help="a classifier file (default: the training run's final model)")
+    p.add_argument('--model', help="a classifier file or an export folder/manifest.json (default: the training run's final model)")
     p.add_argument('--split', choices=['train', 'valid', 'test'], help='the manifest split to score (default: evaluate.split)')
     p.add_argument('--manifest', help='a prepared manifest (default: <paths.data_dir>/prepared/manifest.csv)')
     p.add_argument('--out', help='report folder (default: <paths.out_dir>/evaluate)')
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p); p.set_defaults(run=run_promote)
 
     p = sub.add_parser('hub', help='write a Hugging Face Hub folder (open_clip weights, head, model card); --push uploads it')
-    p.add_argument('--model', help="a classifier file (default: the training run's final model)")
+    p.add_argument('--model', help="a classifier file or an export of one (default: the training run's final model)")
     p.add_argument('--folder', help='the Hub folder (default: <paths.out_dir>/hub)')
     p.add_argument('--push', metavar='REPO_ID', help='upload the folder to this Hub repo (needs network and a token)')
     _common(p); p.set_defaults(run=run_hub)
@@ -173,6 +173,9 @@ def run_hub(args, cfg:Config) -> int:
         metrics_file = Path(cfg.paths.out_dir)/'evaluate'/'metrics.json'
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
         model = Path(args.model) if args.model else trained_model_path(Path(cfg.paths.out_dir)/'train')
+        if model.is_dir() or model.name == 'manifest.json':  # an export: its source classifier holds the weights
+            from clip_har.export import read_export
+            model = Path(read_export(model)['source_model'])
         save_hub_folder(model, folder, metrics, cfg, lineage(cfg))
         pushed = push_to_hub(folder, args.push) if args.push else None
     print(json.dumps({'folder': str(folder), 'pushed': pushed}))

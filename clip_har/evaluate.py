@@ -248,12 +248,20 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
     model_path = Path(model) if model else trained_model_path(train_dir)
     manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
     out = Path(out_dir or Path(cfg.paths.out_dir)/'evaluate'); out.mkdir(parents=True, exist_ok=True)
-    meta = read_classifier_meta(model_path)
-    rows = evaluation_rows(manifest, split, meta['labels'])
     device = get_device(cfg.device)
-    clf = load_classifier(model_path).to(device)
-    labels = clf.labels
-    def logits_of(r): return predict_logits(clf, eval_dataloader(r, labels, clf.preprocess, cfg.data.batch_size, cfg.data.num_workers, device), progress)
+    if model_path.is_dir() or model_path.name == 'manifest.json':  # an export: scored through its backend
+        from clip_har.inference import Predictor
+        pred = Predictor(model_path)
+        m = pred.manifest
+        meta = dict(model=f"{m['model']} ({m['backend']} {m['precision']})", labels=pred.trained_labels, pretrained=None if m.get('smoke_run') else 'export')
+        labels, preprocess, device = pred.trained_labels, pred.preprocess, torch.device('cpu')
+        def forward(xb): return torch.from_numpy(pred.logits(xb.cpu().numpy()))
+    else:
+        meta = read_classifier_meta(model_path)
+        clf = load_classifier(model_path).to(device)
+        labels, preprocess, forward = clf.labels, clf.preprocess, clf
+    rows = evaluation_rows(manifest, split, meta['labels'])
+    def logits_of(r): return predict_logits(forward, eval_dataloader(r, labels, preprocess, cfg.data.batch_size, cfg.data.num_workers, device), progress)
     logits, y = logits_of(rows)
     metrics = evaluation_metrics(logits, y, labels, cfg.evaluate.calibration_bins)
     valid = read_manifest(manifest).query("split == 'valid'")

@@ -66,10 +66,15 @@ class Predictor:
 
 # %% ../nbs/07_inference.ipynb #c8268422
 @patch
+def logits(self:Predictor, x:np.ndarray) -> np.ndarray:
+    "Class logits (N, C) of a preprocessed float32 batch, for the current label set."
+    logits, emb = self._image(np.ascontiguousarray(x, dtype=np.float32))[:2]
+    return self.logit_scale * emb @ self.class_emb.T if self.class_emb is not None else logits
+
+@patch
 def scores(self:Predictor, x:np.ndarray) -> np.ndarray:
     "Class probabilities (N, C) of a preprocessed float32 batch."
-    logits, emb = self._image(np.ascontiguousarray(x, dtype=np.float32))[:2]
-    if self.class_emb is not None: logits = self.logit_scale * emb @ self.class_emb.T
+    logits = self.logits(x)
     z = logits - logits.max(1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(1, keepdims=True)

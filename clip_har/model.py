@@ -418,14 +418,15 @@ def clip_splitter(model:ClipClassifier, # from `clip_classifier`
 
 # %% ../nbs/02_model.ipynb #2bd9a6d1
 @torch.no_grad()
-def predict_logits(model:nn.Module, # maps an image batch to logits
+def predict_logits(model:Callable, # maps an image batch to logits (a module, or any function of a batch)
                    dl, # a fastai/PyTorch DataLoader of (images, targets)
                    progress:bool=True, # show a progress bar
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     "All logits and targets of `dl`."
     from fastprogress.fastprogress import progress_bar
-    model.eval()
-    device = next(model.parameters()).device
+    if isinstance(model, nn.Module): model.eval()
+    params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    device = params.device if params is not None else torch.device('cpu')
     outs, ys = [], []
     for xb, yb in (progress_bar(dl, leave=False) if progress else dl):
         outs.append(model(xb.to(device)).float().cpu()); ys.append(yb.cpu())

@@ -105,3 +105,14 @@ def test_predict_data_parallel_under_torchrun(exported, tmp_path):
     df = pd.read_parquet(tmp_path/'dp.parquet')
     assert len(df) == 45 and df.path.is_unique and df.error.isna().all()
     assert not list(tmp_path.glob('dp.rank*'))
+
+def test_evaluate_scores_an_export_through_its_backend(exported, tmp_path):
+    "`clip-har evaluate --model <export>` measures the int8 model on the same split as the PyTorch one."
+    scores = {}
+    for model in ('train/wise_ft.pt', 'export/onnx-int8/manifest.json'):
+        r = clip_har('evaluate', *_paths(exported), *SMOKE, '--model', exported/'out'/model, '--out', tmp_path/model.replace('/', '_'), '-q')
+        assert r.returncode == 0, r.stderr[-2000:]
+        scores[model] = json.loads(r.stdout.strip().splitlines()[-1])
+    print({k: round(v['top1'], 3) for k, v in scores.items()})
+    assert scores['export/onnx-int8/manifest.json']['model'] == f'{TINY_MODEL} (onnx int8)'
+    assert scores['export/onnx-int8/manifest.json']['n'] == scores['train/wise_ft.pt']['n'] > 0
