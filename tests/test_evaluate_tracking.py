@@ -10,7 +10,7 @@ from conftest import clip_har, copy_checkout, env, run, run_paths, prepare_real_
 from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, har_mini_dir
 
 SMOKE = ['--set', f'model.name={TINY_MODEL}', '--set', 'model.pretrained=null', '--set', 'device=cpu', '--set', 'train.patience=null',
-         '--set', 'data.batch_size=16', '--set', 'train.label_smoothing=0', '--set', 'train.stages=[{name: all, train: all, epochs: 2, lr: 1.0e-2}]']
+         '--set', 'data.batch_size=8', '--set', 'train.label_smoothing=0', '--set', 'train.stages=[{name: all, train: all, epochs: 2, lr: 1.0e-2}]']
 
 def _free_port() -> int:
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
