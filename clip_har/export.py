@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_export.ipynb #90b27160
 from __future__ import annotations
-import hashlib, json, os, shutil, tempfile, time, warnings
+import json, os, shutil, tempfile, time, warnings
 from pathlib import Path
 from typing import Sequence
 

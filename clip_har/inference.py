@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from PIL import Image
 
 from .core import *
-from .data import IMAGE_EXTS, ImageDecodeError, decode_image, image_batch
+from .data import IMAGE_EXTS, ImageDecodeError, image_batch
 from .export import BACKENDS, PRECISIONS, ExportError, ImageGraph, TextGraph, read_export, runner, tensorrt
 from .model import ACTION_TEMPLATES, HAR_PHRASES, class_prompts, load_clip
 
