@@ -219,16 +219,18 @@ def trained_model_path(train_dir:str|Path) -> Path:
         if (train_dir/name).is_file(): return train_dir/name
     raise DataSourceError(f'{train_dir}: no trained model here (model.pt or wise_ft.pt); run `clip-har train` first or pass --model')
 
-def evaluation_rows(manifest:str|Path, # a manifest from `prepare`
+def evaluation_rows(manifest:str|Path|pd.DataFrame, # a manifest from `prepare` (or the table `read_manifest` made of it)
                     split:str, # train, valid or test
                     labels:Sequence[str], # the model's labels
+                    origin:str|Path|None=None, # how errors name the manifest (default: its path)
                    ) -> pd.DataFrame:
     "The rows of `split`; labels the model does not know and an empty split are errors."
-    df = read_manifest(manifest)
+    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    origin = origin or (manifest if not isinstance(manifest, pd.DataFrame) else 'the manifest')
     unknown = sorted(set(df.label) - set(labels))
-    if unknown: raise DataSourceError(f'{manifest}: the data has labels the model does not know: {unknown}; the model knows {list(labels)}')
+    if unknown: raise DataSourceError(f'{origin}: the data has labels the model does not know: {unknown}; the model knows {list(labels)}')
     rows = df[df.split == split]
-    if rows.empty: raise DataSourceError(f'{manifest}: the {split} split is empty (sizes: {df.split.value_counts().to_dict()}); '
+    if rows.empty: raise DataSourceError(f'{origin}: the {split} split is empty (sizes: {df.split.value_counts().to_dict()}); '
                                          'prepare with data.test_pct > 0 or choose another split')
     return rows.reset_index(drop=True)
 
@@ -260,11 +262,12 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
         meta = read_classifier_meta(model_path)
         clf = load_classifier(model_path).to(device)
         labels, preprocess, forward = clf.labels, clf.preprocess, clf
-    rows = evaluation_rows(manifest, split, meta['labels'])
+    table = read_manifest(manifest)
+    rows = evaluation_rows(table, split, meta['labels'], manifest)
     def logits_of(r): return predict_logits(forward, eval_dataloader(r, labels, preprocess, cfg.data.batch_size, cfg.data.num_workers, device), progress)
     logits, y = logits_of(rows)
     metrics = evaluation_metrics(logits, y, labels, cfg.evaluate.calibration_bins)
-    valid = read_manifest(manifest).query("split == 'valid'")
+    valid = table[table.split == 'valid']
     calibrated = None
     if split != 'valid' and len(valid):
         T = fit_temperature(*logits_of(valid))
