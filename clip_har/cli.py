@@ -11,7 +11,7 @@ from .core import *
 
 # %% auto #0
 __all__ = ['build_parser', 'run_validate', 'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote',
-           'run_hub', 'run_export', 'run_predict', 'run_benchmark', 'main']
+           'run_hub', 'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'main']
 
 # %% ../nbs/11_cli.ipynb #9f1437c7
 def _common(p:argparse.ArgumentParser):
@@ -91,7 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', help='results folder (default: <paths.out_dir>/benchmark)')
     p.add_argument('--runs', type=int, default=20, help='timed runs at batch 1 (default: 20)')
     p.add_argument('--batch-sizes', default='1,8,32', help='comma-separated (default: 1,8,32)')
+    p.add_argument('--serving', action='store_true', help='benchmark the HTTP service instead: dynamic batching vs batch-1, served vs raw throughput')
+    p.add_argument('--requests', type=int, default=2000, help='requests per concurrency level with --serving (default: 2000)')
     _common(p); p.set_defaults(run=run_benchmark)
+
+    p = sub.add_parser('serve', help='the prediction API on uvicorn: /predict, /predict/image, /predict/batch, /predict/video, /labels, /metrics, /docs')
+    p.add_argument('--model', help='classifier file, export folder or manifest (default: serve.model, else outputs/export/onnx-fp32, else the trained model)')
+    p.add_argument('--backend', help='must match the model (default: the model\'s own)')
+    p.add_argument('--host', help='bind address (default: serve.host, 127.0.0.1)')
+    p.add_argument('--port', type=int, help='default: serve.port, 8000')
+    p.add_argument('--workers', type=int, help='uvicorn worker processes, one model each (default: serve.workers, 1)')
+    _common(p); p.set_defaults(run=run_serve)
     return parser
 
 # %% ../nbs/11_cli.ipynb #14c37464
@@ -205,10 +215,27 @@ def run_predict(args, cfg:Config) -> int:
 def run_benchmark(args, cfg:Config) -> int:
     "`clip-har benchmark`: time every backend; write benchmark.md/.json/.png."
     from clip_har.inference import benchmark_backends
+    if args.serving:
+        from clip_har.serve import benchmark_serving
+        out = Path(args.out or Path(cfg.paths.out_dir)/'benchmark'/f'serving-{args.model_name}')
+        benchmark_serving(args.model_name, out, [int(b) for b in args.batch_sizes.split(',')], args.requests)
+        print((out/'serving.md').read_text())
+        return 0
     out = Path(args.out or Path(cfg.paths.out_dir)/'benchmark')
     benchmark_backends(args.model_name, out, [int(b) for b in args.batch_sizes.split(',')], args.runs, cfg.export.formats + ['torchscript'] * ('torchscript' not in cfg.export.formats),
                        cfg.export.precisions, 'cuda' if cfg.device == 'cuda' else 'cpu')
     print((out/'benchmark.md').read_text())
+    return 0
+
+def run_serve(args, cfg:Config) -> int:
+    "`clip-har serve`: the prediction service until SIGTERM/SIGINT (in-flight requests finish first)."
+    from clip_har.serve import default_model, serve
+    flags = dict(model=args.model, backend=args.backend, host=args.host, port=args.port, workers=args.workers)
+    cfg = load_config(args.params, args.overrides + [f'serve.{k}={json.dumps(v)}' for k, v in flags.items() if v is not None])
+    s = cfg.serve
+    if not s.model: s.model = str(default_model(cfg))
+    if not Path(s.model).exists(): raise FileNotFoundError(f'{s.model}: no such model file or export folder')
+    serve(s, 'warning' if args.quiet else 'info')
     return 0
 
 # %% ../nbs/11_cli.ipynb #cd10b568

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # %% auto #0
 __all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'HAR_MINI_MISSING', 'get_logger', 'ConfigError', 'PathsConfig',
            'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit',
-           'ExportConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config',
-           'seed_everything', 'get_device', 'hub_offline', 'hub_reachable', 'register_test_models', 'file_sha256',
-           'running_benchmarks', 'repo_root', 'fixtures_dir', 'har_mini_dir']
+           'ExportConfig', 'ServeConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict',
+           'save_config', 'seed_everything', 'get_device', 'hub_offline', 'hub_reachable', 'register_test_models',
+           'file_sha256', 'running_benchmarks', 'repo_root', 'fixtures_dir', 'har_mini_dir']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -153,6 +153,32 @@ class ExportConfig(_Section):
         'fp32': ParityLimit(max_abs=1e-3, agreement=1.0), 'fp16': ParityLimit(max_abs=0.25, agreement=0.98),
         'int8': ParityLimit(max_abs=None, agreement=0.9)}
 
+class ServeConfig(_Section):
+    "The prediction service (`clip-har serve`): model, micro-batching, limits, keys, URL input, CORS."
+    model: str|None = None  # a classifier file or export; null: outputs/export/onnx-fp32 if there, else the trained model
+    backend: Literal['pytorch', 'torchscript', 'onnx', 'tensorrt']|None = None  # null: the model's own
+    host: str = '127.0.0.1'
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1)  # uvicorn worker processes, each with its own model
+    max_batch: int = Field(32, ge=1)  # dynamic batching: at most this many images per forward pass
+    max_wait_ms: float = Field(5.0, ge=0)  # ... and the longest a request waits for others to join its batch
+    top_k: int = Field(5, ge=1)  # labels returned when a request does not say
+    max_body_mb: float = Field(10.0, gt=0)  # larger request bodies get 413
+    max_video_mb: float = Field(50.0, gt=0)  # the body limit of POST /predict/video
+    max_pixels: int = Field(40_000_000, ge=1)  # larger images get 413 before they are decoded (decompression bombs)
+    max_batch_images: int = Field(64, ge=1)  # images in one POST /predict/batch
+    request_timeout_s: float = Field(30.0, gt=0)  # a request still waiting for the model after this gets 503
+    api_keys: list[str] = []  # X-API-Key values that may predict ([] and no CLIP_HAR_API_KEYS: open); prefer the env var
+    admin_keys: list[str] = []  # keys that may also PUT /labels (or CLIP_HAR_ADMIN_KEYS)
+    rate_limit: float|None = Field(None, gt=0)  # requests per minute per key (per client address without keys); null: none
+    rate_burst: int = Field(20, ge=1)  # requests allowed at once before the rate applies
+    cors_origins: list[str] = []  # origins allowed by CORS; [] for none
+    allow_urls: bool = False  # let POST /predict fetch image URLs (http/https, public addresses only)
+    url_trusted_hosts: list[str] = []  # host names fetched even when they resolve to private addresses
+    url_max_mb: float = Field(10.0, gt=0)
+    url_timeout_s: float = Field(5.0, gt=0)
+    video_frames: int = Field(8, ge=1)  # frames sampled from an uploaded video
+
 class Config(_Section):
     "All of clip_har's parameters, as read from `params.yaml`."
     seed: int = 42  # seeds python, numpy and torch
@@ -164,6 +190,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     track: TrackConfig = TrackConfig()
     export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
 
 # %% ../nbs/00_core.ipynb #5aee40e4
 def close_matches(name:str, # what the user wrote

@@ -22,7 +22,7 @@ __all__ = ['IMAGE_EXTS', 'SPLIT_NAMES', 'PATH_COLUMNS', 'LABEL_COLUMNS', 'MANIFE
            'validation_report', 'plot_class_balance', 'report_markdown', 'write_report', 'validate', 'split_items',
            'write_manifest', 'read_manifest', 'prepare', 'clip_preprocess_cfg', 'clip_resize', 'clip_normalize',
            'train_augmentations', 'har_dataloaders', 'eval_transforms', 'eval_dataloader', 'ImageDecodeError',
-           'decode_image', 'image_batch', 'dataloaders_from_config', 'benchmark_loaders']
+           'ImageTooLargeError', 'decode_image', 'image_batch', 'dataloaders_from_config', 'benchmark_loaders']
 
 # %% ../nbs/01_data.ipynb #8e50d8bf
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -495,18 +495,29 @@ def eval_dataloader(rows:pd.DataFrame, # items or manifest rows: `path` and `lab
 class ImageDecodeError(DataSourceError):
     "An input that is not a readable image."
 
+class ImageTooLargeError(ImageDecodeError):
+    "An image with more pixels than allowed (a decompression bomb, or just too big)."
+
 def decode_image(image, # a path, encoded bytes, or a PIL image
                  name:str='image', # how errors name it
+                 max_pixels:int|None=None, # refuse larger images from their header, before decoding a pixel
                 ):
     "A fastai `PILImage` in RGB, or an `ImageDecodeError`."
     from fastai.vision.all import PILImage
     if isinstance(image, Image.Image): return PILImage(image.convert('RGB'))
     if not isinstance(image, (str, Path, bytes, bytearray)): raise ImageDecodeError(f'{name}: expected a path, bytes or a PIL image, got {type(image).__name__}')
     if isinstance(image, (str, Path)) and not Path(image).is_file(): raise ImageDecodeError(f'{name}: no such file {image}')
+    if isinstance(image, (bytes, bytearray)) and not image: raise ImageDecodeError(f'{name}: empty (0 bytes)')
     try:
-        img = Image.open(io.BytesIO(bytes(image)) if isinstance(image, (bytes, bytearray)) else image)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # the size is checked here, against `max_pixels`
+            img = Image.open(io.BytesIO(bytes(image)) if isinstance(image, (bytes, bytearray)) else image)
+        if max_pixels and img.width * img.height > max_pixels:
+            raise ImageTooLargeError(f'{name}: {img.width}x{img.height} is more than the {max_pixels:,} pixels allowed')
         img.load()
         return PILImage(img.convert('RGB'))
+    except ImageTooLargeError: raise
+    except Image.DecompressionBombError as e: raise ImageTooLargeError(f'{name}: more pixels than allowed ({e})') from None
     except Exception as e: raise ImageDecodeError(f'{name}: not a readable image ({type(e).__name__}: {e})') from None
 
 def image_batch(images:Sequence, # paths, encoded bytes or PIL images

@@ -19,7 +19,7 @@ from .model import ACTION_TEMPLATES, HAR_PHRASES, class_prompts, load_clip
 
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inputs', 'predict_files', 'predict_distributed',
-           'benchmark_backends', 'plot_benchmark']
+           'random_classifier', 'benchmark_backends', 'plot_benchmark']
 
 # %% ../nbs/07_inference.ipynb #ec63c011
 class _TorchRunner:
@@ -60,6 +60,7 @@ class Predictor:
             self._providers, self._device = providers, device
             self.logit_scale = float(man['logit_scale'])
         self.backend, self.preprocess = self.manifest['backend'], self.manifest['preprocess']
+        self.version = file_sha256(path if path.is_file() else path/'manifest.json')[:12]  # changes with any weight or label
         self.trained_labels = list(self.manifest['labels'])
         self.labels, self.class_emb = list(self.trained_labels), None
     def __repr__(self): return f"Predictor({self.manifest['model']}, {self.backend} {self.manifest['precision']}, {len(self.labels)} labels)"
@@ -80,11 +81,15 @@ def scores(self:Predictor, x:np.ndarray) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 @patch
-def top_k(self:Predictor, probs:np.ndarray, k:int=5) -> list[list[dict]]:
+def top_k(self:Predictor, probs:np.ndarray, # (N, C) probabilities
+          k:int=5, # labels per row
+          labels:Sequence[str]|None=None, # the label set `probs` was scored with (default: the current one)
+         ) -> list[list[dict]]:
     "The `k` most likely labels of each row, as `{'class_name', 'score'}` dicts."
+    labels = self.labels if labels is None else labels
     k = max(1, min(int(k), probs.shape[1]))
     idx = np.argsort(-probs, 1)[:, :k]
-    return [[{'class_name': self.labels[j], 'score': float(p[j])} for j in row] for p, row in zip(probs, idx)]
+    return [[{'class_name': labels[j], 'score': float(p[j])} for j in row] for p, row in zip(probs, idx)]
 
 @patch
 def predict(self:Predictor, images:Sequence, # paths, encoded bytes or PIL images
@@ -138,28 +143,43 @@ def reset_labels(self:Predictor) -> Predictor:
 # %% ../nbs/07_inference.ipynb #ac2cbd82
 VIDEO_EXTS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.gif')
 
+def _evenly(items:list, n:int) -> list:
+    "Up to `n` of `items`, evenly spaced, first and last included."
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int))]
+
 def video_frames(path:str|Path, # a video file or an animated GIF/WebP
                  n:int=8, # frames to sample, evenly spaced
+                 max_pixels:int|None=None, # refuse clips with larger frames before decoding them
                 ) -> list[Image.Image]:
-    "Up to `n` RGB frames sampled evenly over a clip."
+    "Up to `n` RGB frames sampled evenly over a clip, holding O(n) frames in memory however long the clip is."
+    from clip_har.data import ImageTooLargeError
     path = Path(path)
     if not path.is_file(): raise ImageDecodeError(f'{path}: no such video file')
-    frames = []
+    def check(w, h):
+        if max_pixels and w * h > max_pixels: raise ImageTooLargeError(f'{path.name}: {w}x{h} frames are more than the {max_pixels:,} pixels allowed')
     try:
         with Image.open(path) as im:
             if getattr(im, 'n_frames', 1) > 1 or path.suffix.lower() == '.gif':
-                idx = np.unique(np.linspace(0, im.n_frames - 1, min(n, im.n_frames)).round().astype(int))
-                for i in idx: im.seek(int(i)); frames.append(im.convert('RGB'))
+                check(*im.size)
+                frames = []
+                for i in _evenly(range(im.n_frames), n): im.seek(int(i)); frames.append(im.convert('RGB'))
                 return frames
+    except ImageTooLargeError: raise
     except (OSError, ValueError): pass  # not an image container: try PyAV
     try:
         import av
         with av.open(str(path)) as c:
-            decoded = [f.to_image() for f in c.decode(video=0)]
+            stream = c.streams.video[0]
+            check(stream.width, stream.height)
+            kept, stride = [], 1  # every stride-th frame; when too many are kept, every other one goes and the stride doubles
+            for i, f in enumerate(c.decode(stream)):
+                if i % stride: continue
+                kept.append(f.to_image())
+                if len(kept) > 4 * n: kept, stride = kept[::2], stride * 2
+    except ImageTooLargeError: raise
     except Exception as e: raise ImageDecodeError(f'{path}: not a readable video ({type(e).__name__}: {e})') from None
-    if not decoded: raise ImageDecodeError(f'{path}: the video has no frames')
-    idx = np.unique(np.linspace(0, len(decoded) - 1, min(n, len(decoded))).round().astype(int))
-    return [decoded[i].convert('RGB') for i in idx]
+    if not kept: raise ImageDecodeError(f'{path}: the video has no frames')
+    return [f.convert('RGB') for f in _evenly(kept, n)]
 
 @patch
 def predict_video(self:Predictor, path:str|Path, # a video or animated GIF
@@ -271,6 +291,18 @@ def _bench_worker(model:str, backend:str, batch_sizes:Sequence[int], runs:int, d
     res['peak_mem_mb'] = torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else peak - before
     return res
 
+def random_classifier(name:str, # an open_clip model name, e.g. ViT-B-32 or the tiny test model
+                      path:str|Path, # where the classifier file goes
+                      seed:int=0) -> Path:
+    "A classifier file of `name`'s shapes with random weights and the HAR labels, for benchmarks (same FLOPs as trained)."
+    from clip_har.train import save_classifier
+    from clip_har.model import clip_classifier
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    clf = clip_classifier(load_clip(name, None), HAR_LABELS, zeroshot_init=True, cache_dir=path.parent/'cache')
+    save_classifier(clf, dict(model=name, pretrained=None, labels=list(HAR_LABELS), head='linear', loss='ce'), path)
+    return path
+
 def benchmark_backends(name:str='ViT-B-32', # model shape (random weights)
                        out_dir:str|Path='outputs/benchmark', # gets benchmark.json, .md, .png and the exports
                        batch_sizes:Sequence[int]=(1, 8, 32), # batch sizes to time
@@ -280,17 +312,12 @@ def benchmark_backends(name:str='ViT-B-32', # model shape (random weights)
                        device:str='cpu', providers:Sequence[str]|None=None) -> pd.DataFrame:
     "Latency and throughput of every backend, side by side in one run; printed, and written as a table and a plot."
     import subprocess, sys, warnings
-    from clip_har.train import save_classifier
-    from clip_har.model import clip_classifier
     from clip_har.export import export_model
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if 'tensorrt' in formats:
         try: tensorrt()
         except ExportError as e: formats = [f for f in formats if f != 'tensorrt']; print(f'skipping TensorRT: {e}')
-    torch.manual_seed(0)
-    clip = load_clip(name, None)
-    clf = clip_classifier(clip, HAR_LABELS, zeroshot_init=True, cache_dir=out/'cache')
-    save_classifier(clf, dict(model=name, pretrained=None, labels=list(HAR_LABELS), head='linear', loss='ce'), out/'model.pt')
+    random_classifier(name, out/'model.pt')
     imgs = sorted((har_mini_dir() or fixtures_dir()).rglob('*.jpg'))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', DeprecationWarning)
