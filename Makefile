@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := CLIP_HAR_BENCH=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DO_NOT_TRACK=1
 DEMO_SOURCE := $(shell [ -f ../shared/data/har-mini/labels.csv ] && echo ../shared/data/har-mini || echo nbs/fixtures/har-tiny)
 
-.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train bench-infer clean
+.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train bench-infer bench-serve serve clean
 
 $(STAMP): settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,16 @@ bench-model: install
 ## Every inference backend side by side (ViT-B/32 shapes, random weights): outputs/benchmark/benchmark.md
 bench-infer: install
 	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/clip-har benchmark --set device=cpu --out outputs/benchmark
+
+## The HTTP service: dynamic batching vs batch-1 at concurrency 1, 8, 32; served vs raw Predictor throughput
+## (tiny model and ViT-B/32 shapes, random weights): outputs/benchmark/serving-*/serving.md
+bench-serve: install
+	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/clip-har benchmark --serving --model-name clip-har-tiny-test --requests 2000
+	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/clip-har benchmark --serving --model-name ViT-B-32 --requests 300
+
+## The prediction API on 127.0.0.1:8000 (serve.* in params.yaml), serving the trained model or its ONNX export
+serve: install
+	$(BIN)/clip-har serve
 
 clean:
 	rm -rf _proc _docs .pytest_cache

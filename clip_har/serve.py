@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .core import *
 from .data import ImageDecodeError, ImageTooLargeError, decode_image, image_batch
-try: from fastapi import File, Query, Request, UploadFile  # module level: the routes' annotations name them
+try: from fastapi import Depends, File, Query, Request, UploadFile  # module level: the routes' annotations name them
 except ImportError: Request = None  # the client and the helpers work without the `serve` extra
 
 # %% auto #0
@@ -282,14 +282,21 @@ class _BodyLimit:
             body = json.dumps({'error': f'request body over the {limit:,}-byte limit', 'status': 413}).encode()
             await send({'type': 'http.response.start', 'status': 413, 'headers': [(b'content-type', b'application/json'), (b'connection', b'close')]})
             return await send({'type': 'http.response.body', 'body': body})
-        seen = 0
-        async def counted():
-            nonlocal seen
+        seen, over = 0, False
+        async def counted():  # past the limit the app sees the body end; its answer is swapped for the 413 below
+            nonlocal seen, over
             msg = await receive()
-            seen += len(msg.get('body', b''))
-            if seen > limit: raise ServeError(413, f'request body over the {limit:,}-byte limit')
+            if msg['type'] == 'http.request':
+                seen += len(msg.get('body', b''))
+                if seen > limit: over = True; return {'type': 'http.request', 'body': b'', 'more_body': False}
             return msg
-        await self.app(scope, counted, send)
+        async def guarded(msg):
+            if not over: return await send(msg)
+            if msg['type'] == 'http.response.start':
+                await send({'type': 'http.response.start', 'status': 413, 'headers': [(b'content-type', b'application/json'), (b'connection', b'close')]})
+            elif msg['type'] == 'http.response.body' and not msg.get('more_body'):
+                await send({'type': 'http.response.body', 'body': json.dumps({'error': f'request body over the {limit:,}-byte limit', 'status': 413}).encode()})
+        await self.app(scope, counted, guarded)
 
 # %% ../nbs/08_serve.ipynb #e07ba90f
 def default_model(cfg:Config) -> Path:
@@ -433,6 +440,13 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
 
     def one(res): return {'predictions': res.pop('results')[0], **res}
 
+    # checked before the body is parsed: a caller without a key gets 401, a wrong media type 415, never a parse error
+    async def user(request:Request): _caller(request, state)
+    async def admin(request:Request): _caller(request, state, admin=True)
+    async def json_body(request:Request): _need_content_type(request, 'application/json')
+    async def multipart(request:Request): _need_content_type(request, 'multipart/form-data')
+    as_user_json, as_user_upload = [Depends(user), Depends(json_body)], [Depends(user), Depends(multipart)]
+
     @app.get('/', summary='Service information')
     async def info():
         p = state.predictor if state.ready.is_set() else None
@@ -460,10 +474,8 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
             registry = CollectorRegistry(); multiprocess.MultiProcessCollector(registry)
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post('/predict', response_model=PredictResponse, summary='Classify one image sent as base64 or a URL')
-    async def predict(request:Request, body:PredictRequest):
-        _caller(request, state)
-        _need_content_type(request, 'application/json')
+    @app.post('/predict', response_model=PredictResponse, summary='Classify one image sent as base64 or a URL', dependencies=as_user_json)
+    async def predict(body:PredictRequest):
         if (body.image is None) == (body.url is None): raise ServeError(422, 'send exactly one of "image" (base64) and "url"')
         if body.url is not None:
             if not settings.allow_urls: raise ServeError(403, 'URL input is off on this server (serve.allow_urls); send the image as base64')
@@ -471,30 +483,28 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
             return one(await classify([data], body.top_k, ['the image at the URL']))
         return one(await classify([b64_image(body.image)], body.top_k))
 
-    async def upload_bytes(request, file:UploadFile, kinds:tuple) -> bytes:
-        _caller(request, state)
-        _need_content_type(request, 'multipart/form-data')
+    async def upload_bytes(file:UploadFile, kinds:tuple) -> bytes:
         ct = (file.content_type or 'application/octet-stream').lower()
         if not (ct.startswith(kinds) or ct == 'application/octet-stream'): raise ServeError(415, f'{file.filename or "the upload"}: {ct} is not an accepted media type ({", ".join(k + "*" for k in kinds)})')
         return await file.read()
 
-    @app.post('/predict/image', response_model=PredictResponse, summary='Classify one uploaded image (multipart/form-data, field "file")')
-    async def predict_image(request:Request, file:UploadFile=File(...), top_k:int|None=Query(None, ge=1, le=1000)):
-        data = await upload_bytes(request, file, ('image/',))
+    @app.post('/predict/image', response_model=PredictResponse, summary='Classify one uploaded image (multipart/form-data, field "file")',
+              dependencies=as_user_upload)
+    async def predict_image(file:UploadFile=File(...), top_k:int|None=Query(None, ge=1, le=1000)):
+        data = await upload_bytes(file, ('image/',))
         return one(await classify([data], top_k, [file.filename or 'the upload']))
 
-    @app.post('/predict/batch', response_model=BatchResponse, summary='Classify several base64 images in one request')
-    async def predict_batch(request:Request, body:BatchRequest):
-        _caller(request, state)
-        _need_content_type(request, 'application/json')
+    @app.post('/predict/batch', response_model=BatchResponse, summary='Classify several base64 images in one request', dependencies=as_user_json)
+    async def predict_batch(body:BatchRequest):
         if len(body.images) > settings.max_batch_images: raise ServeError(413, f'{len(body.images)} images; at most {settings.max_batch_images} per request')
         return await classify([b64_image(im, f'images[{i}]') for i, im in enumerate(body.images)], body.top_k,
                               [f'images[{i}]' for i in range(len(body.images))])
 
-    @app.post('/predict/video', response_model=PredictResponse, summary='Classify a video or animated GIF (frames sampled evenly, probabilities averaged)')
-    async def predict_video(request:Request, file:UploadFile=File(...), top_k:int|None=Query(None, ge=1, le=1000)):
+    @app.post('/predict/video', response_model=PredictResponse, summary='Classify a video or animated GIF (frames sampled evenly, probabilities averaged)',
+              dependencies=as_user_upload)
+    async def predict_video(file:UploadFile=File(...), top_k:int|None=Query(None, ge=1, le=1000)):
         from clip_har.inference import VIDEO_EXTS, video_frames
-        data = await upload_bytes(request, file, ('video/', 'image/gif', 'image/webp'))
+        data = await upload_bytes(file, ('video/', 'image/gif', 'image/webp'))
         suffix = Path(file.filename or '').suffix.lower()
         if suffix not in VIDEO_EXTS + ('.webp',): raise ServeError(415, f'{file.filename!r}: expected a video file ({", ".join(VIDEO_EXTS)})')
         model_ready()
@@ -512,15 +522,12 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
         p = model_ready()
         return {'labels': list(p.labels), 'trained_labels': list(p.trained_labels), 'open_vocabulary': p.class_emb is not None}
 
-    @app.get('/labels', response_model=LabelsResponse, summary='The label set the model scores against')
-    async def get_labels(request:Request):
-        _caller(request, state)
-        return label_state()
+    @app.get('/labels', response_model=LabelsResponse, summary='The label set the model scores against', dependencies=[Depends(user)])
+    async def get_labels(): return label_state()
 
-    @app.put('/labels', response_model=LabelsResponse, summary='Set an open-vocabulary label set (admin key); null restores the trained labels')
-    async def put_labels(request:Request, body:LabelsRequest):
-        _caller(request, state, admin=True)
-        _need_content_type(request, 'application/json')
+    @app.put('/labels', response_model=LabelsResponse, summary='Set an open-vocabulary label set (admin key); null restores the trained labels',
+             dependencies=[Depends(admin), Depends(json_body)])
+    async def put_labels(body:LabelsRequest):
         p = model_ready()
         if body.labels is None: await state.batcher.run(p.reset_labels)
         else:

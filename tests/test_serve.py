@@ -1,0 +1,281 @@
+"""The prediction service as users run it: `clip-har serve` in its own process on 127.0.0.1, driven over real HTTP by
+httpx and by `InferenceClient`; every endpoint, 40 kinds of bad input, keys and rate limits, a 2,000-request load run,
+graceful shutdown, several workers, and the deployment files."""
+import base64, io, json, os, signal, struct, subprocess, threading, time, zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx, pytest
+from PIL import Image
+
+from conftest import BIN, ROOT, env
+from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, file_sha256
+from clip_har.serve import InferenceClient, ClientError, free_port, load_test
+
+PHOTOS = sorted(fixtures_dir().rglob('*.jpg'))
+JPG = PHOTOS[0].read_bytes()
+
+def start(model, *sets, workers=1, extra_env=None, timeout=120):
+    "`clip-har serve` on a free port; returns (process, base URL) once /ready answers."
+    port = free_port()
+    args = [BIN/'clip-har', 'serve', '--model', model, '--port', str(port), '--workers', str(workers)]
+    for s in sets: args += ['--set', s]
+    log = open(Path(model).parent/f'serve-{port}.log', 'w')
+    proc = subprocess.Popen([str(a) for a in args], env=env(**(extra_env or {})), stdout=log, stderr=subprocess.STDOUT)
+    url, deadline = f'http://127.0.0.1:{port}', time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+        try:
+            if httpx.get(url + '/ready', timeout=2).status_code == 200: return proc, url, Path(log.name)
+        except httpx.HTTPError: pass
+        time.sleep(0.2)
+    proc.kill(); raise TimeoutError(Path(log.name).read_text()[-3000:])
+
+def stop(proc) -> bool:
+    "SIGTERM; whether the server shut down by itself (uvicorn re-raises the signal once it has drained: status -15)."
+    proc.terminate()
+    try: return proc.wait(30) in (0, -signal.SIGTERM)
+    except subprocess.TimeoutExpired: proc.kill(); raise
+
+def same(a, b, eps=1e-5) -> bool:
+    "Equal predictions: the same labels in order, scores within `eps` (batched and single runs differ in the last digits)."
+    return [p['class_name'] for p in a] == [p['class_name'] for p in b] and all(abs(p['score'] - q['score']) < eps for p, q in zip(a, b))
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory) -> Path:
+    "The tiny test CLIP as a classifier file (random weights, the HAR labels)."
+    from clip_har.inference import random_classifier
+    return random_classifier(TINY_MODEL, tmp_path_factory.mktemp('serve')/'model.pt')
+
+class _Images(BaseHTTPRequestHandler):
+    "A little image host on localhost: a photo, a text file, a 404, and redirects to private addresses."
+    def do_GET(self):
+        routes = {'/photo.jpg': (200, 'image/jpeg', JPG), '/notes.txt': (200, 'text/plain', b'not an image'),
+                  '/big.jpg': (200, 'image/jpeg', JPG * 400)}
+        if self.path.startswith('/redirect'):
+            self.send_response(302); self.send_header('Location', self.path.split('to=', 1)[1]); self.end_headers(); return
+        status, ct, body = routes.get(self.path, (404, 'text/plain', b'missing'))
+        self.send_response(status); self.send_header('Content-Type', ct); self.send_header('Content-Length', str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+
+@pytest.fixture(scope='module')
+def image_host():
+    srv = ThreadingHTTPServer(('127.0.0.1', 0), _Images)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+
+@pytest.fixture(scope='module')
+def server(model, image_host):
+    "The service with URL input on (localhost trusted, as an internal image store would be) and a 1 MB body limit."
+    proc, url, log = start(model, 'serve.allow_urls=true', 'serve.url_trusted_hosts=[localhost]', 'serve.max_body_mb=1',
+                           'serve.max_batch_images=8', 'serve.url_max_mb=0.5')
+    yield url
+    assert stop(proc)
+    lines = [l for l in log.read_text().splitlines() if l.startswith('{')]
+    assert lines and all('image' not in json.loads(l) for l in lines)  # JSON access log lines, never image bytes
+
+def b64(data: bytes) -> str: return base64.b64encode(data).decode()
+
+def clip_files(tmp: Path) -> tuple[Path, Path]:
+    frames = [Image.open(p).convert('RGB').resize((96, 96)) for p in PHOTOS[:6]]
+    frames[0].save(tmp/'clip.gif', save_all=True, append_images=frames[1:], duration=100, loop=0)
+    import av
+    with av.open(str(tmp/'clip.mp4'), 'w') as c:
+        st = c.add_stream('mpeg4', rate=5); st.width = st.height = 96; st.pix_fmt = 'yuv420p'
+        for f in frames: c.mux(st.encode(av.VideoFrame.from_image(f)))
+        c.mux(st.encode())
+    return tmp/'clip.gif', tmp/'clip.mp4'
+
+def test_every_endpoint_answers_as_documented(server, model, image_host, tmp_path):
+    info = httpx.get(server + '/').json()
+    assert info['ready'] and info['model'] == TINY_MODEL and info['backend'] == 'pytorch' and info['labels'] == list(HAR_LABELS)
+    assert info['model_version'] == file_sha256(model)[:12] and info['url_input'] is True
+    assert httpx.get(server + '/health').json() == {'status': 'ok'}
+    assert httpx.get(server + '/ready').json()['ready'] is True
+    paths = httpx.get(server + '/openapi.json').json()['paths']
+    assert {'/', '/health', '/ready', '/metrics', '/predict', '/predict/image', '/predict/batch', '/predict/video', '/labels'} <= set(paths)
+    assert 'swagger' in httpx.get(server + '/docs').text.lower()
+
+    one = httpx.post(server + '/predict', json={'image': b64(JPG), 'top_k': 3}).json()
+    assert [set(p) for p in one['predictions']] == [{'class_name', 'score'}] * 3
+    assert one['predictions'][0]['score'] >= one['predictions'][1]['score'] and one['model_version'] == info['model_version']
+    assert set(one['timings_ms']) == {'decode_ms', 'queue_ms', 'inference_ms', 'total_ms'}
+    up = httpx.post(server + '/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}, params={'top_k': 3}).json()
+    assert same(up['predictions'], one['predictions'])
+    via_url = httpx.post(server + '/predict', json={'url': f'http://localhost:{image_host}/photo.jpg', 'top_k': 3}).json()
+    assert same(via_url['predictions'], one['predictions'])
+    batch = httpx.post(server + '/predict/batch', json={'images': [b64(p.read_bytes()) for p in PHOTOS[:6]], 'top_k': 2}).json()
+    assert [len(r) for r in batch['results']] == [2] * 6 and same(batch['results'][0], one['predictions'][:2])
+    for clip in clip_files(tmp_path):
+        v = httpx.post(server + '/predict/video', files={'file': (clip.name, clip.read_bytes(), 'application/octet-stream')}).json()
+        assert len(v['predictions']) == 5, v
+    assert httpx.get(server + '/labels').json() == {'labels': list(HAR_LABELS), 'trained_labels': list(HAR_LABELS), 'open_vocabulary': False}
+    metrics = httpx.get(server + '/metrics').text
+    for name in ('clip_har_requests_total{method="POST",route="/predict",status="200"}', 'clip_har_request_seconds_bucket',
+                 'clip_har_batch_size_bucket', 'clip_har_inference_seconds_count', 'clip_har_model_ready 1.0'):
+        assert name in metrics, name
+
+def test_the_client_against_the_server(server, image_host, tmp_path):
+    with InferenceClient(server) as client:
+        assert client.health() and client.ready() and client.info()['ready']
+        res = client.predict_from_image_path(PHOTOS[0])
+        print(f"Top prediction: {res['predictions'][0]['class_name']} ({res['predictions'][0]['score']:.4f})")
+        assert same(res['predictions'], client.predict_from_bytes(JPG)['predictions'])
+        assert same(client.predict_from_image_url(f'http://localhost:{image_host}/photo.jpg', top_k=2)['predictions'], res['predictions'][:2])
+        assert len(client.predict_batch(PHOTOS[:3] + [JPG], top_k=1)['results']) == 4
+        assert len(client.predict_video(clip_files(tmp_path)[0], top_k=2)['predictions']) == 2
+        assert client.labels()['labels'] == list(HAR_LABELS)
+        with pytest.raises(ClientError, match='HTTP 422: the upload: not a readable image'):
+            client.request('POST', '/predict/image', files={'file': ('the upload', b'abc', 'image/png')})
+        with pytest.raises(ClientError, match='HTTP 403: label editing is off'):
+            client.set_labels(['a', 'b'])
+
+def _png_header(w: int, h: int) -> bytes:
+    "A PNG that declares w x h pixels and carries a few bytes of data."
+    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0)) + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b'')
+
+def _bad_requests(image_host):
+    bomb = io.BytesIO(); Image.new('L', (12_000, 12_000)).save(bomb, 'PNG')
+    corrupt = JPG[:2] + bytes((i * 37) % 256 for i in range(3000))
+    host = f'http://localhost:{image_host}'
+    up = lambda data, name='a.jpg', ct='image/jpeg', **kw: dict(method='POST', path='/predict/image', files={'file': (name, data, ct)}, **kw)
+    js = lambda body, path='/predict': dict(method='POST', path=path, json=body)
+    raw = lambda body, ct, path='/predict': dict(method='POST', path=path, content=body, headers={'Content-Type': ct})
+    def chunked():
+        yield b'{"image": "'
+        for _ in range(1200): yield b'A' * 1024
+        yield b'"}'
+    return {
+        'truncated JPEG': (up(JPG[:len(JPG) // 3]), 422), 'corrupt JPEG': (up(corrupt), 422), 'PNG bomb': (up(bomb.getvalue(), 'b.png', 'image/png'), 413),
+        'zero bytes': (up(b''), 422), 'text sent as text/plain': (up(b'hello', 'a.txt', 'text/plain'), 415),
+        'text sent as a JPEG': (up(b'hello world'), 422), 'huge dimensions': (up(_png_header(100_000, 100_000), 'h.png', 'image/png'), 413),
+        'huge dimensions under PIL limit': (up(_png_header(9_000, 9_000), 'h.png', 'image/png'), 413),
+        'bad base64': (js({'image': 'not*base64!'}), 422), 'base64 of text': (js({'image': b64(b'hello')}), 422),
+        'empty base64': (js({'image': ''}), 422), 'image is a number': (js({'image': 42}), 422),
+        'bad JSON': (raw(b'{"image": ', 'application/json'), 422), 'JSON array': (js([1, 2]), 422),
+        'non-UTF-8 JSON': (raw(b'{"image": "\xff\xfe"}', 'application/json'), 400),
+        'wrong content type on /predict': (raw(json.dumps({'image': b64(JPG)}).encode(), 'text/plain'), 415),
+        'multipart to /predict': (dict(method='POST', path='/predict', files={'file': ('a.jpg', JPG, 'image/jpeg')}), 415),
+        'JSON to /predict/image': (js({'image': b64(JPG)}, '/predict/image'), 415),
+        'oversized body': (up(b'\xff' * (2 * 2**20)), 413), 'oversized chunked body': (raw(chunked(), 'application/json'), 413),
+        'URL to 127.0.0.1': (js({'url': f'http://127.0.0.1:{image_host}/photo.jpg'}), 400),
+        'URL to metadata': (js({'url': 'http://169.254.169.254/latest/meta-data/'}), 400),
+        'URL to 10.0.0.1': (js({'url': 'http://10.0.0.1/x.jpg'}), 400), 'URL to [::1]': (js({'url': 'http://[::1]/x.jpg'}), 400),
+        'file URL': (js({'url': 'file:///etc/passwd'}), 400), 'ftp URL': (js({'url': 'ftp://example.com/a.jpg'}), 400),
+        'redirect to metadata': (js({'url': f'{host}/redirect?to=http://169.254.169.254/latest/'}), 400),
+        'redirect to loopback': (js({'url': f'{host}/redirect?to=http://127.0.0.1:{image_host}/photo.jpg'}), 400),
+        'URL that is missing': (js({'url': f'{host}/nothing.jpg'}), 422), 'URL to a text file': (js({'url': f'{host}/notes.txt'}), 422),
+        'URL too big': (js({'url': f'{host}/big.jpg'}), 413), 'unresolvable host': (js({'url': 'http://no-such-host.invalid/a.jpg'}), 400),
+        'unknown field': (js({'image': b64(JPG), 'colour': 'red'}), 422), 'image and url': (js({'image': b64(JPG), 'url': f'{host}/photo.jpg'}), 422),
+        'neither image nor url': (js({}), 422), 'top_k zero': (js({'image': b64(JPG), 'top_k': 0}), 422),
+        'top_k not a number': (up(JPG, params={'top_k': 'abc'}), 422), 'top_k huge': (js({'image': b64(JPG), 'top_k': 5000}), 422),
+        'batch too big': (js({'images': [b64(JPG)] * 9}, '/predict/batch'), 413), 'empty batch': (js({'images': []}, '/predict/batch'), 422),
+        'batch with a bad image': (js({'images': [b64(JPG), b64(b'junk')]}, '/predict/batch'), 422),
+        'video that is not one': (dict(method='POST', path='/predict/video', files={'file': ('v.mp4', b'not a video', 'video/mp4')}), 422),
+        'video as .txt': (dict(method='POST', path='/predict/video', files={'file': ('v.txt', b'abc', 'text/plain')}), 415),
+        'labels without admin keys': (dict(method='PUT', path='/labels', json={'labels': ['a']}), 403),
+        'unknown route': (dict(method='GET', path='/predict/everything'), 404), 'wrong method': (dict(method='GET', path='/predict'), 405),
+    }
+
+def test_bad_input_gets_4xx_json_and_the_server_stays_up(server, image_host):
+    cases = _bad_requests(image_host)
+    assert len(cases) >= 30
+    seen, wrong = {}, []
+    with httpx.Client(base_url=server, timeout=30) as c:
+        for name, (req, want) in cases.items():
+            kw = {k: v for k, v in req.items() if k not in ('method', 'path')}
+            r = c.request(req['method'], req['path'], **kw)
+            body = r.json()
+            seen[name] = (r.status_code, body.get('error', '')[:90])
+            if not (r.status_code == want and body['status'] == want and body['error']): wrong.append((name, want, r.status_code, body))
+            assert 'Traceback' not in r.text and 'File "' not in r.text
+    for name, (status, msg) in seen.items(): print(f'{status}  {name:34} {msg}')
+    assert not wrong, wrong
+    assert all(400 <= s < 500 for s, _ in seen.values())
+    assert httpx.get(server + '/health').json() == {'status': 'ok'}
+    assert httpx.post(server + '/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}).status_code == 200
+    assert 'status="500"' not in httpx.get(server + '/metrics').text
+
+def test_load_2000_requests_at_concurrency_32(server):
+    r = load_test(server, [p.read_bytes() for p in PHOTOS], n=2000, concurrency=32)
+    print(f"2000 requests, concurrency 32: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, "
+          f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}")
+    assert r['errors'] == 0 and r['statuses'] == {'200': 2000}
+    sizes = [l for l in httpx.get(server + '/metrics').text.splitlines() if l.startswith('clip_har_batch_size_bucket{le="1.0"}') or l.startswith('clip_har_batch_size_count')]
+    one, total = (float(l.split()[-1]) for l in sizes)
+    print(f'{total:.0f} forward passes so far, {one:.0f} of them a single image')
+    assert one < total  # concurrent requests were batched
+
+def test_keys_and_rate_limits(model):
+    proc, url, _ = start(model, 'serve.rate_limit=60', 'serve.rate_burst=3',
+                         extra_env={'CLIP_HAR_API_KEYS': 'user-1,user-2', 'CLIP_HAR_ADMIN_KEYS': 'admin-1'})
+    try:
+        files = {'file': ('a.jpg', JPG, 'image/jpeg')}
+        assert httpx.post(url + '/predict/image', files=files).status_code == 401
+        r = httpx.post(url + '/predict/image', files=files, headers={'X-API-Key': 'user-3'})
+        assert r.status_code == 401 and r.headers['www-authenticate'] == 'ApiKey'
+        assert httpx.get(url + '/health').status_code == 200 and httpx.get(url + '/').json()['auth'] is True
+        codes = [httpx.post(url + '/predict/image', files=files, headers={'X-API-Key': 'user-1'}).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429], codes
+        r = httpx.post(url + '/predict/image', files=files, headers={'X-API-Key': 'user-1'})
+        assert r.status_code == 429 and int(r.headers['retry-after']) >= 1 and 'rate limit' in r.json()['error']
+        assert httpx.post(url + '/predict/image', files=files, headers={'X-API-Key': 'user-2'}).status_code == 200  # its own bucket
+        assert httpx.put(url + '/labels', json={'labels': ['a', 'b']}, headers={'X-API-Key': 'user-2'}).status_code == 403
+        r = httpx.put(url + '/labels', json={'labels': ['a', 'a']}, headers={'X-API-Key': 'admin-1'})
+        assert r.status_code == 422 and 'duplicated labels' in r.json()['error']
+        r = httpx.put(url + '/labels', json={'labels': ['riding a horse', 'reading']}, headers={'X-API-Key': 'admin-1'})
+        assert r.json()['labels'] == ['riding a horse', 'reading']
+        with InferenceClient(url, api_key='user-2', backoff=0.2) as client:  # over the limit: waits out Retry-After, then succeeds
+            got = [client.predict_from_bytes(JPG)['predictions'][0]['class_name'] for _ in range(4)]
+        assert set(got) <= {'riding a horse', 'reading'}
+    finally: stop(proc)
+
+def test_graceful_shutdown_finishes_in_flight_requests(model):
+    proc, url, _ = start(model, 'serve.max_batch=64', 'serve.max_wait_ms=2000')  # a lone request waits 2 s for company
+    result = {}
+    def call(): result['r'] = httpx.post(url + '/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}, timeout=30)
+    t = threading.Thread(target=call); t.start()
+    time.sleep(0.7)
+    proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert result['r'].status_code == 200 and len(result['r'].json()['predictions']) == 5
+    assert proc.wait(30) in (0, -signal.SIGTERM)
+    with pytest.raises(httpx.ConnectError): httpx.get(url + '/health', timeout=2)
+
+def test_several_workers_share_the_metrics(model):
+    proc, url, _ = start(model, workers=2)
+    try:
+        with httpx.Client(base_url=url) as c:
+            for _ in range(12): assert c.post('/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}).status_code == 200
+        line = next(l for l in httpx.get(url + '/metrics').text.splitlines() if l.startswith('clip_har_images_total'))
+        assert float(line.split()[-1]) == 12.0, line
+    finally: assert stop(proc)
+
+def test_serve_errors_are_one_line(tmp_path):
+    r = subprocess.run([str(BIN/'clip-har'), 'serve', '--model', str(tmp_path/'none.pt')], env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'none.pt: no such model file or export folder' in r.stderr
+    r = subprocess.run([str(BIN/'clip-har'), 'serve', '--model', str(tmp_path), '--port', '99999'], env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "serve.port" in r.stderr
+
+def test_deployment_files_are_valid():
+    "The serve image, compose file and Kubernetes manifests (validated offline against the Kubernetes schemas)."
+    import yaml, kubernetes_validate
+    docker = ROOT/'docker'
+    serve = (docker/'serve.Dockerfile').read_text()
+    assert 'USER ' in serve and 'HEALTHCHECK' in serve and '/health' in serve and 'clip-har", "serve' in serve
+    compose = yaml.safe_load((docker/'compose.yaml').read_text())
+    assert {'api', 'dashboard', 'mlflow'} <= set(compose['services'])
+    assert all('healthcheck' in s for s in compose['services'].values())
+    docs = [d for f in sorted((docker/'k8s').glob('*.yaml')) for d in yaml.safe_load_all(f.read_text()) if d]
+    kinds = {d['kind'] for d in docs}
+    assert {'Deployment', 'Service', 'HorizontalPodAutoscaler'} <= kinds
+    for d in docs: kubernetes_validate.validate(d, '1.31.0', strict=True)
+    dep = next(d for d in docs if d['kind'] == 'Deployment')['spec']['template']['spec']
+    c = dep['containers'][0]
+    assert c['livenessProbe']['httpGet']['path'] == '/health' and c['readinessProbe']['httpGet']['path'] == '/ready'
+    assert dep['securityContext']['runAsNonRoot'] is True
+    bad = {**docs[0], 'spec': {**docs[0]['spec'], 'replicas': 'three'}}
+    with pytest.raises(kubernetes_validate.ValidationError): kubernetes_validate.validate(bad, '1.31.0', strict=True)
