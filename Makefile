@@ -19,28 +19,15 @@ $(STAMP): settings.ini setup.py
 
 install: $(STAMP)
 
-## The main job, with params.yaml as it is: prepare data.source, score the zero-shot classifier of model.*, fine-tune,
-## evaluate on the test split (report, registry), write the Hub folder, export to ONNX.
+## The main job, with params.yaml as it is (the HAR dataset from the Hub, ViT-B-16/openai): `clip-har pipeline` runs
+## prepare, zeroshot, train, evaluate (+ model card), export, benchmark, each its notebook under papermill, through DVC.
 run: install
-	$(BIN)/clip-har prepare
-	$(BIN)/clip-har zeroshot
-	$(BIN)/clip-har train
-	$(BIN)/clip-har evaluate
-	$(BIN)/clip-har hub
-	$(BIN)/clip-har export
+	$(BIN)/clip-har pipeline
 
-## The same job offline on har-mini (or the committed fixtures) with the tiny test CLIP: a smoke run (metrics say so).
-DEMO := --set paths.out_dir=outputs/demo --set paths.data_dir=outputs/demo/data --set model.name=clip-har-tiny-test --set model.pretrained=null
-DEMO_TRAIN := --set 'train.stages=[{name: all, train: all, epochs: 3, lr: 1.0e-2}]' --set data.batch_size=16 --set train.label_smoothing=0 \
-	--set train.patience=null --set track.mlflow_uri=sqlite:///outputs/demo/mlflow.db
+## The same pipeline offline in demo/ (its params.yaml: tiny random CLIP on har-mini or the committed fixtures): a smoke run.
 demo: install
-	$(OFFLINE) $(BIN)/clip-har prepare $(DEMO) --set data.source=$(DEMO_SOURCE)
-	$(OFFLINE) $(BIN)/clip-har zeroshot $(DEMO)
-	$(OFFLINE) $(BIN)/clip-har train $(DEMO) $(DEMO_TRAIN)
-	$(OFFLINE) $(BIN)/clip-har evaluate $(DEMO) $(DEMO_TRAIN)
-	$(OFFLINE) $(BIN)/clip-har hub $(DEMO) $(DEMO_TRAIN)
-	$(OFFLINE) $(BIN)/clip-har export $(DEMO) $(DEMO_TRAIN) --set export.thresholds.fp16.agreement=0.9 --set export.thresholds.int8.agreement=0.5
-	$(OFFLINE) $(BIN)/clip-har runs $(DEMO) $(DEMO_TRAIN)
+	$(OFFLINE) $(BIN)/clip-har pipeline --demo
+	cd demo && $(OFFLINE) ../$(BIN)/clip-har runs
 
 test: install check nbtest docs pytest
 

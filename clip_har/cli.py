@@ -4,14 +4,15 @@
 
 # %% ../nbs/11_cli.ipynb #d769473c
 from __future__ import annotations
-import argparse, json, sys
+import argparse, json, os, sys
 from pathlib import Path
 
 from .core import *
 
 # %% auto #0
 __all__ = ['build_parser', 'run_validate', 'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote',
-           'run_hub', 'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'main']
+           'run_hub', 'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_pipeline_cmd', 'run_retrain',
+           'run_dashboard', 'main']
 
 # %% ../nbs/11_cli.ipynb #9f1437c7
 def _common(p:argparse.ArgumentParser):
@@ -102,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--port', type=int, help='default: serve.port, 8000')
     p.add_argument('--workers', type=int, help='uvicorn worker processes, one model each (default: serve.workers, 1)')
     _common(p); p.set_defaults(run=run_serve)
+
+    p = sub.add_parser('dashboard', help='the Voila dashboard: uploads, charts, model choice, labels, batches, evaluation, webcam')
+    p.add_argument('--model', help='the model shown first (a file, export, or models:/name/version; default: the first one found)')
+    p.add_argument('--api', help='a clip_har service URL to offer (its /app page is the webcam view); default: $CLIP_HAR_API_URL')
+    p.add_argument('--host', default='127.0.0.1', help='bind address (default: 127.0.0.1)')
+    p.add_argument('--port', type=int, default=8866, help='default: 8866')
+    _common(p); p.set_defaults(run=run_dashboard)
+
+    p = sub.add_parser('pipeline', help='the main job: prepare, zeroshot, train, evaluate, export, benchmark, each a notebook run by papermill, chained by DVC')
+    p.add_argument('--stage', help='run one stage only (what each dvc.yaml stage runs)')
+    p.add_argument('--demo', action='store_true', help='the offline smoke run in demo/: tiny random CLIP on har-mini or the fixtures')
+    p.add_argument('--no-dvc', dest='use_dvc', action='store_false', help='run the stages one after another instead of `dvc repro`')
+    p.add_argument('--write-dvc', action='store_true', help='regenerate dvc.yaml and demo/dvc.yaml from the stage table, then stop')
+    _common(p); p.set_defaults(run=run_pipeline_cmd)
+
+    p = sub.add_parser('retrain', help='pull data (dvc), run the pipeline, promote the new model only if it beats the champion (retrain.*)')
+    p.add_argument('--demo', action='store_true', help='retrain the demo pipeline in demo/')
+    p.add_argument('--no-dvc', dest='use_dvc', action='store_false', help='run the stages one after another instead of `dvc repro`')
+    _common(p); p.set_defaults(run=run_retrain)
     return parser
 
 # %% ../nbs/11_cli.ipynb #14c37464
@@ -238,6 +258,46 @@ def run_serve(args, cfg:Config) -> int:
     serve(s, 'warning' if args.quiet else 'info')
     return 0
 
+def _override_dict(overrides:list[str]) -> dict:
+    "`--set` strings as a {dotted key: value} dict."
+    import yaml
+    return {o.split('=', 1)[0].strip(): yaml.safe_load(o.split('=', 1)[1]) for o in overrides}
+
+def run_pipeline_cmd(args, cfg:Config) -> int:
+    "`clip-har pipeline`: the whole job through DVC (or one stage, or the offline demo)."
+    from clip_har.pipeline import run_pipeline, run_stage, write_demo_params, write_dvc_yaml
+    if args.write_dvc:
+        print(json.dumps([str(write_dvc_yaml('.')), str(write_dvc_yaml('demo', '../'))])); return 0
+    if args.stage:
+        print(json.dumps({'stage': args.stage, 'record': str(run_stage(args.stage, args.params, _override_dict(args.overrides), progress=not args.quiet))}))
+        return 0
+    folder = Path('demo') if args.demo else Path('.')
+    if args.demo:
+        ov = _override_dict(args.overrides)
+        write_demo_params(folder, args.params if Path(args.params).is_file() else None, ov.pop('data.source', None), ov)
+    elif args.overrides: raise ConfigError('the main job reads params.yaml as it is (DVC tracks it): edit it, or use `dvc exp run -S key=value`')
+    ran = run_pipeline(folder, use_dvc=args.use_dvc, progress=not args.quiet)
+    print(json.dumps({'folder': str(folder), 'ran': ran}))
+    return 0
+
+def run_retrain(args, cfg:Config) -> int:
+    "`clip-har retrain`: pull, run the pipeline, gate the candidate against the champion."
+    from clip_har.pipeline import retrain, write_demo_params
+    folder = Path('demo') if args.demo else Path('.')
+    if args.demo:
+        ov = _override_dict(args.overrides)
+        write_demo_params(folder, args.params if Path(args.params).is_file() else None, ov.pop('data.source', None), ov)
+    print(json.dumps(retrain(folder, args.use_dvc)))
+    return 0
+
+def run_dashboard(args, cfg:Config) -> int:
+    "`clip-har dashboard`: Voila on the dashboard notebook until interrupted."
+    from clip_har.dashboard import run_dashboard as run
+    if args.model and not args.model.startswith('models:/') and not Path(args.model).exists():
+        raise FileNotFoundError(f'{args.model}: no such model file or export folder')
+    mlflow = cfg.track.mlflow_uri if 'mlflow' in cfg.track.backends else None
+    return run(cfg.paths.out_dir, args.model, args.api or os.environ.get('CLIP_HAR_API_URL'), mlflow, args.host, args.port)
+
 # %% ../nbs/11_cli.ipynb #cd10b568
 def main(argv:list[str]|None=None) -> int:
     "Run `clip-har` with `argv` (default: the process arguments); return the exit status."
@@ -246,12 +306,13 @@ def main(argv:list[str]|None=None) -> int:
     from clip_har.train import CheckpointError
     from clip_har.tracking import HubError
     from clip_har.export import ExportError
+    from clip_har.pipeline import PipelineError
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet: get_logger(level='WARNING')
     try:
         cfg = load_config(args.params, args.overrides)
         return args.run(args, cfg)
-    except (ConfigError, DataSourceError, ModelLoadError, CheckpointError, HubError, ExportError, FileNotFoundError) as e:
+    except (ConfigError, DataSourceError, ModelLoadError, CheckpointError, HubError, ExportError, PipelineError, FileNotFoundError) as e:
         print(f'clip-har {args.command}: error: {e}', file=sys.stderr)
         return 2

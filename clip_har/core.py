@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # %% auto #0
 __all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'HAR_MINI_MISSING', 'get_logger', 'ConfigError', 'PathsConfig',
            'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit',
-           'ExportConfig', 'ServeConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict',
-           'save_config', 'seed_everything', 'get_device', 'hub_offline', 'hub_reachable', 'register_test_models',
-           'file_sha256', 'running_benchmarks', 'repo_root', 'fixtures_dir', 'har_mini_dir']
+           'ExportConfig', 'ServeConfig', 'RetrainConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config',
+           'config_dict', 'save_config', 'seed_everything', 'get_device', 'hub_offline', 'hub_reachable',
+           'register_test_models', 'file_sha256', 'running_benchmarks', 'repo_root', 'fixtures_dir', 'har_mini_dir']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -179,6 +179,11 @@ class ServeConfig(_Section):
     url_timeout_s: float = Field(5.0, gt=0)
     video_frames: int = Field(8, ge=1)  # frames sampled from an uploaded video
 
+class RetrainConfig(_Section):
+    "When a retrained candidate replaces the registered champion (`clip-har retrain`)."
+    metric: Literal['top1', 'top5', 'macro_f1', 'weighted_f1', 'macro_auc'] = 'top1'  # compared on the evaluate split, both models scored afresh
+    min_gain: float = 0.0  # the candidate must beat the champion by more than this
+
 class Config(_Section):
     "All of clip_har's parameters, as read from `params.yaml`."
     seed: int = 42  # seeds python, numpy and torch
@@ -191,6 +196,7 @@ class Config(_Section):
     track: TrackConfig = TrackConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
 # %% ../nbs/00_core.ipynb #5aee40e4
 def close_matches(name:str, # what the user wrote

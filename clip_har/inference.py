@@ -19,7 +19,7 @@ from .model import ACTION_TEMPLATES, HAR_PHRASES, class_prompts, load_clip
 
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inputs', 'predict_files', 'predict_distributed',
-           'random_classifier', 'benchmark_backends', 'plot_benchmark']
+           'random_classifier', 'benchmark_models', 'benchmark_backends', 'plot_benchmark', 'benchmark_from_config']
 
 # %% ../nbs/07_inference.ipynb #ec63c011
 class _TorchRunner:
@@ -303,6 +303,43 @@ def random_classifier(name:str, # an open_clip model name, e.g. ViT-B-32 or the 
     save_classifier(clf, dict(model=name, pretrained=None, labels=list(HAR_LABELS), head='linear', loss='ce'), path)
     return path
 
+def benchmark_models(targets:Sequence[tuple[str, str]], # (label, model) pairs; a 'pytorch' one is the baseline
+                     out_dir:str|Path='outputs/benchmark', # gets benchmark.json, .md, .png
+                     batch_sizes:Sequence[int]=(1, 8, 32), # batch sizes to time
+                     runs:int=20, # timed runs at batch 1 (fewer at larger batches)
+                     device:str='cpu', providers:Sequence[str]|None=None,
+                     title:str='', # the table's and plot's title
+                     meta:dict|None=None, # more facts for benchmark.json
+                    ) -> pd.DataFrame:
+    "Latency, throughput and memory of each model, each timed in its own fresh process; printed, tabled and plotted."
+    import subprocess, sys
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for label, model in targets:
+        args = json.dumps([str(model), label, list(batch_sizes), runs, device, providers])
+        code = 'import json, sys; from clip_har.inference import _bench_worker; print("RESULT", json.dumps(_bench_worker(*json.loads(sys.argv[1]))))'
+        p = subprocess.run([sys.executable, '-c', code, args], capture_output=True, text=True)
+        line = next((l for l in p.stdout.splitlines() if l.startswith('RESULT ')), None)
+        if line is None: raise RuntimeError(f'benchmarking {label} failed: {p.stderr[-2000:]}')
+        r = json.loads(line[7:])
+        results.append(r)
+        print(f"{label:18} " + '  '.join(f"bs{row['batch']}: p50 {row['p50_ms']:.1f} ms" for row in r['rows']) + f"  peak {r['peak_mem_mb']:.0f} MB")
+    rows = [dict(backend=label, peak_mem_mb=round(r['peak_mem_mb']), **row) for (label, _), r in zip(targets, results) for row in r['rows']]
+    df = pd.DataFrame(rows)
+    if (df.backend == 'pytorch').any():
+        base = df[df.backend == 'pytorch'].set_index('batch').p50_ms
+        df['speedup_vs_pytorch'] = [base[b] / p for b, p in zip(df.batch, df.p50_ms)]
+    (out/'benchmark.json').write_text(json.dumps(dict(meta or {}, device=device, cpu_count=os.cpu_count(), torch=torch.__version__,
+                                                      runs_at_batch1=runs, rows=rows), indent=2, default=float))
+    table = df.assign(**{c: df[c].round(2) for c in ('p50_ms', 'p95_ms', 'p99_ms', 'images_per_s', 'speedup_vs_pytorch') if c in df})
+    (out/'benchmark.md').write_text(f"# {title or 'benchmark'} ({os.cpu_count()} cores)\n\n" + table.to_markdown(index=False) + '\n')
+    plot_benchmark(df, out/'benchmark.png', title)
+    b1 = df[df.batch == batch_sizes[0]].set_index('backend')
+    if {'onnx-fp32', 'pytorch'} <= set(b1.index):
+        print(f"batch {batch_sizes[0]}, median of {runs} runs: ONNX Runtime {b1.p50_ms['onnx-fp32']:.1f} ms vs eager PyTorch "
+              f"{b1.p50_ms['pytorch']:.1f} ms: {b1.p50_ms['pytorch'] / b1.p50_ms['onnx-fp32']:.2f}x")
+    return df
+
 def benchmark_backends(name:str='ViT-B-32', # model shape (random weights)
                        out_dir:str|Path='outputs/benchmark', # gets benchmark.json, .md, .png and the exports
                        batch_sizes:Sequence[int]=(1, 8, 32), # batch sizes to time
@@ -310,8 +347,8 @@ def benchmark_backends(name:str='ViT-B-32', # model shape (random weights)
                        formats:Sequence[str]=('onnx', 'torchscript'), # exports to time next to eager PyTorch
                        precisions:Sequence[str]=('fp32', 'int8'), # ONNX/TensorRT precisions
                        device:str='cpu', providers:Sequence[str]|None=None) -> pd.DataFrame:
-    "Latency and throughput of every backend, side by side in one run; printed, and written as a table and a plot."
-    import subprocess, sys, warnings
+    "Every backend of a random-weight model of `name`'s shapes, side by side in one run (`benchmark_models`)."
+    import warnings
     from clip_har.export import export_model
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if 'tensorrt' in formats:
@@ -324,31 +361,8 @@ def benchmark_backends(name:str='ViT-B-32', # model shape (random weights)
         exports = export_model(out/'model.pt', out/'export', imgs[:16], imgs[16:48], formats, precisions,
                                {p: {'max_abs': None, 'agreement': 0.0} for p in PRECISIONS}, progress=False)  # timing only: parity is recorded, not enforced
     targets = [('pytorch', str(out/'model.pt'))] + [(f"{m['backend']}-{m['precision']}", m['folder']) for m in exports]
-    results = []
-    for label, model in targets:
-        args = json.dumps([model, label, list(batch_sizes), runs, device, providers])
-        code = 'import json, sys; from clip_har.inference import _bench_worker; print("RESULT", json.dumps(_bench_worker(*json.loads(sys.argv[1]))))'
-        p = subprocess.run([sys.executable, '-c', code, args], capture_output=True, text=True)
-        line = next((l for l in p.stdout.splitlines() if l.startswith('RESULT ')), None)
-        if line is None: raise RuntimeError(f'benchmarking {label} failed: {p.stderr[-2000:]}')
-        r = json.loads(line[7:])
-        results.append(r)
-        print(f"{label:18} " + '  '.join(f"bs{row['batch']}: p50 {row['p50_ms']:.1f} ms" for row in r['rows']) + f"  peak {r['peak_mem_mb']:.0f} MB")
-    rows = [dict(backend=r['backend'], peak_mem_mb=round(r['peak_mem_mb']), **row) for r in results for row in r['rows']]
-    df = pd.DataFrame(rows)
-    base = df[df.backend == 'pytorch'].set_index('batch').p50_ms
-    df['speedup_vs_pytorch'] = [base[b] / p for b, p in zip(df.batch, df.p50_ms)]
-    meta = dict(model=name, device=device, cpu_count=os.cpu_count(), torch=torch.__version__, runs_at_batch1=runs,
-                parity={f"{m['backend']}-{m['precision']}": m['parity'] for m in exports})
-    (out/'benchmark.json').write_text(json.dumps(dict(meta, rows=rows), indent=2, default=float))
-    table = df.assign(**{c: df[c].round(2) for c in ('p50_ms', 'p95_ms', 'p99_ms', 'images_per_s', 'speedup_vs_pytorch')})
-    (out/'benchmark.md').write_text(f"# {name} on {device} ({os.cpu_count()} cores), random weights\n\n" + table.to_markdown(index=False) + '\n')
-    plot_benchmark(df, out/'benchmark.png', f'{name} on {device}')
-    b1 = df[df.batch == batch_sizes[0]].set_index('backend')
-    if 'onnx-fp32' in b1.index:
-        print(f"batch {batch_sizes[0]}, median of {runs} runs: ONNX Runtime {b1.p50_ms['onnx-fp32']:.1f} ms vs eager PyTorch "
-              f"{b1.p50_ms['pytorch']:.1f} ms: {b1.p50_ms['pytorch'] / b1.p50_ms['onnx-fp32']:.2f}x")
-    return df
+    return benchmark_models(targets, out, batch_sizes, runs, device, providers, f'{name} on {device}, random weights',
+                            dict(model=name, parity={f"{m['backend']}-{m['precision']}": m['parity'] for m in exports}))
 
 def plot_benchmark(df:pd.DataFrame, path:str|Path|None=None, title:str=''):
     "Throughput of each backend at each batch size, as grouped bars."
@@ -359,3 +373,18 @@ def plot_benchmark(df:pd.DataFrame, path:str|Path|None=None, title:str=''):
     fig = ax.figure; fig.tight_layout()
     if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
+
+# %% ../nbs/07_inference.ipynb #11e7d16f
+def benchmark_from_config(cfg:Config, # paths and device settings
+                          out_dir:str|Path|None=None, # defaults to `<paths.out_dir>/benchmark`
+                          runs:int=20, batch_sizes:Sequence[int]=(1, 8, 32)) -> pd.DataFrame:
+    "Latency and throughput of the trained model and each of its exports."
+    from clip_har.evaluate import trained_model_path
+    out = Path(cfg.paths.out_dir)
+    targets = [('pytorch', str(trained_model_path(out/'train')))]
+    for man in sorted((out/'export').glob('*/manifest.json')):
+        m = json.loads(man.read_text())
+        targets.append((f"{m['backend']}-{m['precision']}", str(man.parent)))
+    device = 'cuda' if get_device(cfg.device).type == 'cuda' else 'cpu'
+    return benchmark_models(targets, out_dir or out/'benchmark', batch_sizes, runs, device,
+                            title=f'{cfg.model.name} ({cfg.model.pretrained or "random weights"}) on {device}', meta=dict(model=cfg.model.name))

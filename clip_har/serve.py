@@ -21,10 +21,10 @@ try: from fastapi import Depends, File, Query, Request, UploadFile  # module lev
 except ImportError: Request = None  # the client and the helpers work without the `serve` extra
 
 # %% auto #0
-__all__ = ['ServeError', 'b64_image', 'preprocess_images', 'public_address', 'check_url', 'fetch_url', 'MicroBatcher', 'env_keys',
-           'key_matches', 'RateLimiter', 'Prediction', 'PredictResponse', 'BatchResponse', 'PredictRequest',
-           'BatchRequest', 'LabelsRequest', 'LabelsResponse', 'default_model', 'create_app', 'free_port',
-           'serve_in_thread', 'ClientError', 'InferenceClient', 'load_test', 'app_from_env', 'serve',
+__all__ = ['WEBCAM_HTML', 'ServeError', 'b64_image', 'preprocess_images', 'public_address', 'check_url', 'fetch_url',
+           'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction', 'PredictResponse', 'BatchResponse',
+           'PredictRequest', 'BatchRequest', 'LabelsRequest', 'LabelsResponse', 'default_model', 'create_app',
+           'free_port', 'serve_in_thread', 'ClientError', 'InferenceClient', 'load_test', 'app_from_env', 'serve',
            'benchmark_serving']
 
 # %% ../nbs/08_serve.ipynb #9d802508
@@ -118,6 +118,14 @@ class MicroBatcher:
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.on_batch, self.model_thread = on_batch, ThreadPoolExecutor(1, thread_name_prefix='clip-har-model')
         self._queue, self._task, self._held = None, None, None
+        self.incoming = 0  # requests on their way (decoding): worth waiting for; with none, a batch goes at once
+
+    @contextmanager
+    def expecting(self):
+        "Mark a request as on its way to `submit` (while it decodes), so the batch it would join waits for it."
+        self.incoming += 1
+        try: yield
+        finally: self.incoming -= 1
 
     def start(self):
         "Start the batching loop on the running event loop."
@@ -165,6 +173,7 @@ class MicroBatcher:
             while n < self.max_batch:
                 try: item = self._queue.get_nowait() if self._held is None else await self._next(0)
                 except asyncio.QueueEmpty:
+                    if not self.incoming: break  # nobody is on the way: waiting would only add latency
                     try: item = await self._next(deadline - loop.time())
                     except (TimeoutError, asyncio.TimeoutError): break
                 if n + len(item[0]) > self.max_batch: self._held = item; break
@@ -318,6 +327,7 @@ class _State:
         self.batcher = MicroBatcher(self._score, settings.max_batch, settings.max_wait_ms, self._observe)
         self.ready = threading.Event()
         if predictor is not None: self.ready.set()
+        self.decoders = ThreadPoolExecutor(2, thread_name_prefix='clip-har-decode')  # a few: decoding must not starve the model of cores
     def _score(self, x): return self.predictor.scores(x), list(self.predictor.labels)
     def _observe(self, n, secs):
         self.metrics['batch'].observe(n); self.metrics['inference'].observe(secs); self.metrics['images'].inc(n)
@@ -359,7 +369,7 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException
     from clip_har import __version__
     from clip_har.inference import Predictor
@@ -376,6 +386,7 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
         else: state.metrics['ready'].set(1)
         yield
         await state.batcher.stop()
+        state.decoders.shutdown(wait=False)
 
     app = FastAPI(title='clip_har', version=__version__, lifespan=lifespan,
                   description='Human action recognition with CLIP: post an image, get the most likely actions.')
@@ -426,7 +437,8 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
 
     async def classify(images:list[bytes], k:int|None, names=None, pool:bool=False) -> dict:
         pred, t0 = model_ready(), time.perf_counter()
-        x = await asyncio.to_thread(preprocess_images, images, pred.preprocess, settings.max_pixels, names)
+        with state.batcher.expecting():
+            x = await asyncio.get_running_loop().run_in_executor(state.decoders, preprocess_images, images, pred.preprocess, settings.max_pixels, names)
         t1 = time.perf_counter()
         try: probs, labels, timing = await asyncio.wait_for(state.batcher.submit(x), settings.request_timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
@@ -456,6 +468,9 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
                 'labels': list(p.labels) if p else None, 'max_batch': settings.max_batch, 'max_wait_ms': settings.max_wait_ms,
                 'top_k': settings.top_k, 'url_input': settings.allow_urls, 'auth': bool(state.api_keys),
                 'docs': '/docs'}
+
+    @app.get('/app', summary='Live webcam recognition in the browser', response_class=HTMLResponse)
+    async def webcam(): return HTMLResponse(WEBCAM_HTML)
 
     @app.get('/health', summary='Liveness: the process answers')
     async def health(): return {'status': 'ok'}
@@ -510,7 +525,7 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
         model_ready()
         with tempfile.TemporaryDirectory() as d:
             path = Path(d)/f'upload{suffix}'; path.write_bytes(data)
-            try: frames = await asyncio.to_thread(video_frames, path, settings.video_frames, settings.max_pixels)
+            try: frames = await asyncio.get_running_loop().run_in_executor(state.decoders, video_frames, path, settings.video_frames, settings.max_pixels)
             except ImageTooLargeError as e: raise ServeError(413, str(e).replace(str(path), file.filename or 'upload')) from None
             except ImageDecodeError as e: raise ServeError(422, f'{file.filename}: not a readable video') from None
         buf = []
@@ -539,6 +554,67 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
         return label_state()
 
     return app
+
+# %% ../nbs/08_serve.ipynb #8ab02dd4
+WEBCAM_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>clip_har live</title>
+<style>
+ body { font-family: system-ui, sans-serif; margin: 1.2rem; color: #222; }
+ #row { display: flex; gap: 1.5rem; flex-wrap: wrap; align-items: flex-start; }
+ video { width: 320px; height: 240px; background: #111; border-radius: 6px; }
+ ol { list-style: none; padding: 0; margin: 0; width: 340px; }
+ li { margin: .35rem 0; } .name { display: flex; justify-content: space-between; font-size: .95rem; }
+ .bar { height: 10px; background: #2b7bb9; border-radius: 3px; }
+ #status { color: #666; font-size: .85rem; } input { width: 14rem; }
+</style></head>
+<body>
+<h2>clip_har: live action recognition</h2>
+<div id="row">
+ <video id="cam" autoplay playsinline muted></video>
+ <div><ol id="top"></ol><p id="status">starting the camera&hellip;</p>
+ <label>API key (if the server needs one) <input id="key" type="password" autocomplete="off"></label></div>
+</div>
+<script>
+const video = document.getElementById('cam'), top5 = document.getElementById('top'), status = document.getElementById('status');
+const canvas = document.createElement('canvas');
+let frames = 0;
+function render(preds) {
+  top5.replaceChildren(...preds.map(p => {
+    const li = document.createElement('li');
+    li.innerHTML = '<div class="name"><span></span><span></span></div><div class="bar"></div>';
+    li.querySelector('.name span').textContent = p.class_name;
+    li.querySelector('.name span:last-child').textContent = (100 * p.score).toFixed(1) + '%';
+    li.querySelector('.bar').style.width = Math.max(2, 100 * p.score) + '%';
+    li.dataset.label = p.class_name;
+    return li;
+  }));
+}
+async function tick() {
+  if (video.readyState >= 2 && video.videoWidth) {
+    canvas.width = 320; canvas.height = Math.round(320 * video.videoHeight / video.videoWidth);
+    canvas.getContext('2d').drawImage(video, 0, 0, canvas.width, canvas.height);
+    const blob = await new Promise(r => canvas.toBlob(r, 'image/jpeg', 0.85));
+    const form = new FormData(); form.append('file', blob, 'frame.jpg');
+    const key = document.getElementById('key').value, headers = key ? {'X-API-Key': key} : {};
+    try {
+      const r = await fetch('predict/image?top_k=5', {method: 'POST', body: form, headers});
+      const j = await r.json();
+      if (!r.ok) status.textContent = j.error || ('HTTP ' + r.status);
+      else {
+        render(j.predictions); frames += 1; document.body.dataset.frames = frames;
+        status.textContent = frames + ' frames, ' + j.timings_ms.total_ms.toFixed(0) + ' ms for the last';
+      }
+    } catch (e) { status.textContent = 'the API did not answer: ' + e; }
+  }
+  setTimeout(tick, 300);
+}
+navigator.mediaDevices.getUserMedia({video: {width: 640, height: 480}})
+  .then(s => { video.srcObject = s; status.textContent = 'camera on'; tick(); })
+  .catch(e => { status.textContent = 'no camera: ' + e.message; });
+</script>
+</body></html>
+"""
 
 # %% ../nbs/08_serve.ipynb #657fe7d9
 def free_port(host:str='127.0.0.1') -> int:
@@ -718,10 +794,11 @@ def _start_server(model:str, port:int, max_batch:int, max_wait_ms:float, timeout
     import subprocess, sys, urllib.request
     cmd = [sys.executable, '-c', 'import sys; from clip_har.cli import main; sys.exit(main())', 'serve', '--model', str(model), '--port', str(port), '-q',
            '--set', f'serve.max_batch={max_batch}', '--set', f'serve.max_wait_ms={max_wait_ms}']
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())  # no params.yaml there: defaults
+    log = tempfile.NamedTemporaryFile('w+', prefix='clip-har-serve-', suffix='.log', delete=False)  # a file, not a pipe: the access log never blocks
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tempfile.gettempdir())  # no params.yaml there: defaults
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None: raise RuntimeError(f'clip-har serve exited: {proc.stderr.read()[-2000:]}')
+        if proc.poll() is not None: raise RuntimeError(f'clip-har serve exited: {Path(log.name).read_text()[-2000:]}')
         try:
             with urllib.request.urlopen(f'http://127.0.0.1:{port}/ready', timeout=2): return proc
         except Exception: time.sleep(0.2)
@@ -761,7 +838,8 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
             for c in concurrencies:
                 r = load_test(f'http://127.0.0.1:{port}', images, n=n, concurrency=c)
                 rows.append(dict(mode=mode, concurrency=c, **{k: r[k] for k in ('requests', 'errors', 'requests_per_s', 'p50_ms', 'p99_ms')}))
-                print(f"{mode:8} concurrency {c:3}: {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}")
+                print(f"{mode:8} concurrency {c:3}: {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}"
+                      + (f" {r['statuses']}" if r['errors'] else ''))
         finally:
             proc.terminate(); proc.wait(30)
     df = pd.DataFrame(rows)

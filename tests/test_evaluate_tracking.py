@@ -181,29 +181,3 @@ def test_evaluate_missing_or_corrupt_model(prepared, tmp_path):
     r = clip_har('evaluate', *_paths(prepared), '--model', tmp_path/'bad.pt', '-q')
     assert r.returncode == 2 and 'not a readable model file' in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
-def test_dvc_pipeline_metrics_and_plots(tmp_path):
-    """In a fresh copy: `dvc repro` runs prepare -> zeroshot/train -> evaluate; `dvc metrics show` prints the accuracy;
-    `dvc plots show` renders; a second repro does nothing; a training change reruns train and evaluate, not prepare."""
-    repo = copy_checkout(tmp_path/'repo')
-    params = yaml.safe_load((repo/'params.yaml').read_text())
-    params['data'].update(source=str(fixtures_dir()), valid_pct=0.34, test_pct=0.34, batch_size=8)
-    params['model'].update(name=TINY_MODEL, pretrained=None)
-    params['train'].update(stages=[{'name': 'all', 'train': 'all', 'epochs': 1, 'lr': 0.01}], patience=None)
-    (repo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
-    r = run(BIN/'dvc', 'repro', cwd=repo, check=True, timeout=900)
-    assert all(f"Running stage '{s}'" in r.stdout for s in ('prepare', 'zeroshot', 'train', 'evaluate')), r.stdout
-    shown = run(BIN/'dvc', 'metrics', 'show', cwd=repo, check=True).stdout
-    print(shown)
-    top1 = json.loads((repo/'outputs'/'evaluate'/'metrics.json').read_text())['top1']
-    assert 'outputs/evaluate/metrics.json' in shown and 'top1' in shown and f'{top1:.5f}'[:5] in shown
-    run(BIN/'dvc', 'plots', 'show', '-o', tmp_path/'plots', cwd=repo, check=True)
-    page = (tmp_path/'plots'/'index.html').read_text()
-    assert 'confusion matrix (evaluate split)' in page and 'training history' in page  # the two data plots' titles
-    assert {p.name for p in (tmp_path/'plots'/'static').iterdir()} == {'workspace_outputs_evaluate_roc.png', 'workspace_outputs_evaluate_reliability.png'}
-    again = run(BIN/'dvc', 'repro', cwd=repo, check=True)
-    assert 'Running stage' not in again.stdout, again.stdout
-    params['train']['stages'][0]['epochs'] = 2
-    (repo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = run(BIN/'dvc', 'repro', cwd=repo, check=True, timeout=900).stdout
-    assert "Running stage 'train'" in changed and "Running stage 'evaluate'" in changed
-    assert "Running stage 'prepare'" not in changed and "Running stage 'zeroshot'" not in changed

@@ -1,0 +1,158 @@
+"""The pipeline as users run it: `clip-har pipeline --demo` in a fresh copy of the checkout (papermill runs each stage's
+notebook, DVC chains them), what it leaves, what `dvc repro` does next, the retrain gate both ways, the errors users
+can cause, and the CI/CD and container files."""
+import json, time
+from pathlib import Path
+
+import pytest, yaml
+
+from conftest import BIN, ROOT, clip_har, copy_checkout, run
+from clip_har.core import TINY_MODEL, fixtures_dir
+
+ARTIFACTS = ['data/prepared/manifest.csv', 'data/prepared/validation/report.json', 'outputs/zeroshot/metrics.json', 'outputs/train/model.pt',
+             'outputs/train/wise_ft.pt', 'outputs/train/history.csv', 'outputs/evaluate/report.html', 'outputs/evaluate/metrics.json',
+             'outputs/hub/README.md', 'outputs/hub/clip_har.json', 'outputs/export/onnx-fp32/manifest.json', 'outputs/export/onnx-int8/manifest.json',
+             'outputs/benchmark/benchmark.md', 'outputs/benchmark/benchmark.png']
+RECORDS = ['01_data', '02_model', '03_train', '04_evaluate', '06_export', '07_inference']
+
+def stages_run(out: str) -> list[str]:
+    "The stages a `dvc repro` ran, from its output."
+    return [l.split("'")[1] for l in out.splitlines() if l.startswith("Running stage '")]
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory) -> Path:
+    "A fresh copy of the checkout after `clip-har pipeline --demo` on the committed fixtures (1 epoch)."
+    repo = copy_checkout(tmp_path_factory.mktemp('pipeline')/'repo')
+    t0 = time.time()
+    r = clip_har('pipeline', '--demo', '-q', '--set', f'data.source={fixtures_dir()}',
+                 '--set', "train.stages=[{name: all, train: all, epochs: 1, lr: 1.0e-2}]", cwd=repo, timeout=1500)
+    print(f'demo pipeline on the fixtures: {time.time() - t0:.0f} s')
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])['ran'] == ['prepare', 'zeroshot', 'train', 'evaluate', 'export', 'benchmark']
+    return repo/'demo'
+
+def test_the_demo_leaves_every_artifact_and_run_record(demo):
+    missing = [a for a in ARTIFACTS if not (demo/a).is_file()]
+    assert not missing, missing
+    assert json.loads((demo/'outputs/evaluate/metrics.json').read_text())['smoke_run'] is True
+    assert 'smoke' in (demo/'outputs/hub/README.md').read_text().lower()
+    assert 'random weights' in (demo/'outputs/benchmark/benchmark.md').read_text()
+    for name in RECORDS:  # each stage's executed notebook, with outputs
+        nb = json.loads((demo/'outputs'/'runs'/f'{name}.ipynb').read_text())
+        assert nb['metadata']['papermill']['parameters']['params_file'].endswith('params.yaml')
+        assert any(c.get('outputs') for c in nb['cells'] if c['cell_type'] == 'code')
+    import mlflow  # the run records are logged to the training run
+    run_id = json.loads((demo/'outputs/train/train_metrics.json').read_text())['mlflow_run_id']
+    client = mlflow.MlflowClient(f"sqlite:///{demo/'outputs'/'mlflow.db'}")
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, 'notebooks')}
+    assert {f'{n}.ipynb' for n in RECORDS} <= logged, logged
+
+def test_dvc_after_the_demo(demo, tmp_path):
+    "Nothing to redo; metrics and plots show; a training change reruns train and what follows, not prepare."
+    again = run(BIN/'dvc', 'repro', cwd=demo, check=True)
+    assert 'Running stage' not in again.stdout and 'up to date' in again.stdout, again.stdout
+    shown = run(BIN/'dvc', 'metrics', 'show', cwd=demo, check=True).stdout
+    top1 = json.loads((demo/'outputs/evaluate/metrics.json').read_text())['top1']
+    assert 'top1' in shown and f'{top1:.5f}'[:5] in shown, shown
+    run(BIN/'dvc', 'plots', 'show', '-o', tmp_path/'plots', cwd=demo, check=True)
+    assert 'confusion matrix (evaluate split)' in (tmp_path/'plots'/'index.html').read_text()
+    params = yaml.safe_load((demo/'params.yaml').read_text())
+    params['train']['stages'][0]['epochs'] = 2
+    (demo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(BIN/'dvc', 'repro', cwd=demo, check=True, timeout=1200).stdout
+    assert stages_run(changed) == ['train', 'evaluate', 'export', 'benchmark'], changed
+
+def _centroid_model(src: Path, dst: Path, rows, shift: int = 0) -> Path:
+    """A copy of a trained classifier whose head is the nearest class centroid of `rows`' images (the test split itself:
+    with one image per class it scores 1.0 there), with the centroids moved `shift` classes along (then it scores 0)."""
+    import torch, torch.nn.functional as F
+    from clip_har.data import image_batch
+    from clip_har.train import load_classifier, read_classifier_meta, save_classifier
+    clf, meta = load_classifier(src).eval(), read_classifier_meta(src)
+    with torch.no_grad():
+        emb = F.normalize(clf.visual(image_batch(list(rows.path), clf.preprocess)).float(), dim=-1)
+        cents = torch.zeros_like(clf.head.fc.weight)
+        for i, label in enumerate(clf.labels):
+            mine = emb[torch.tensor((rows.label == label).values)]
+            if len(mine): cents[(i + shift) % len(clf.labels)] = F.normalize(mine.mean(0), dim=-1)
+        clf.head.fc.weight.copy_(100 * cents); clf.head.fc.bias.zero_()
+    save_classifier(clf, meta, dst)
+    return dst
+
+def _register(cfg, path: Path) -> int:
+    import mlflow
+    from clip_har.tracking import log_classifier
+    mlflow.set_tracking_uri(cfg.track.mlflow_uri); mlflow.set_experiment(cfg.track.experiment)
+    with mlflow.start_run(run_name=path.stem): return int(log_classifier(path, cfg.track.register_as)['version'])
+
+def test_the_retrain_gate_both_ways(demo, tmp_path, monkeypatch):
+    import pandas as pd
+    from clip_har.core import load_config
+    from clip_har.pipeline import retrain_gate
+    monkeypatch.chdir(demo)
+    cfg = load_config('params.yaml')
+    test = pd.read_csv('data/prepared/manifest.csv').query("split == 'test'")
+    assert test.label.value_counts().max() == 1  # the fixtures' test split: one photo per class
+    model = Path('outputs/train/wise_ft.pt')
+    worse = _register(cfg, _centroid_model(model, tmp_path/'shifted.pt', test, shift=1))  # every photo gets its neighbour's label
+    d = retrain_gate(cfg, worse)
+    print(d['reason'])
+    assert d['champion'] == 1 and d['candidate_score'] == 0.0 and not d['promoted']
+    import mlflow
+    client = mlflow.MlflowClient(cfg.track.mlflow_uri)
+    assert client.get_registered_model(cfg.track.register_as).aliases['champion'] in (1, '1')
+    client.set_registered_model_alias(cfg.track.register_as, 'champion', str(worse))  # a bad champion ...
+    better = _register(cfg, _centroid_model(model, tmp_path/'centroids.pt', test))  # ... beaten by one fitted to the split
+    d = retrain_gate(cfg, better)
+    print(d['reason'])
+    assert d['promoted'] and d['candidate_score'] == 1.0 and d['champion_score'] == 0.0
+    assert client.get_registered_model(cfg.track.register_as).aliases['champion'] in (better, str(better))
+    assert json.loads(Path('outputs/retrain/decision.json').read_text())['promoted'] is True
+
+def test_a_failing_stage_names_its_notebook_and_cell_and_keeps_it(demo, tmp_path):
+    r = clip_har('pipeline', '--stage', 'prepare', '--set', f'data.source={tmp_path}/no-such-folder', '--set', f'paths.out_dir={tmp_path}/out',
+                 '--set', f'paths.data_dir={tmp_path}/data', cwd=demo)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+    assert 'stage prepare: 01_data.ipynb failed in cell' in r.stderr and 'DataSourceError' in r.stderr
+    kept = tmp_path/'out'/'runs'/'01_data.ipynb'
+    assert f'the executed notebook is kept at {kept}' in r.stderr.replace(str(kept.resolve()), str(kept)) or kept.is_file()
+    assert kept.is_file() and 'papermill' in json.loads(kept.read_text())['metadata']
+
+@pytest.mark.parametrize('args, message', [
+    (['--stage', 'train', '--set', 'train.epochz=3'], "unknown key 'train.epochz'"),
+    (['--stage', 'train', '--set', 'data.batch_size=-4'], "'data.batch_size'"),
+    (['--stage', 'deploy'], "unknown stage 'deploy'; the stages are prepare, zeroshot, train, evaluate, export, benchmark"),
+    (['--set', 'data.batch_size=8'], 'the main job reads params.yaml as it is'),
+])
+def test_bad_parameters_are_one_line_errors(args, message):
+    r = clip_har('pipeline', *args, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+def test_the_main_job_offline_fails_in_seconds_naming_the_fix():
+    t0 = time.time()
+    r = clip_har('pipeline', cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and 'cannot be reached from here. Fix:' in r.stderr and 'make demo' in r.stderr, r.stderr
+    print(f'failed in {time.time() - t0:.1f} s: {r.stderr.strip()}')
+    assert time.time() - t0 < 30
+
+def test_dvc_files_are_generated_from_the_stage_table():
+    from clip_har.pipeline import dvc_yaml
+    assert yaml.safe_load((ROOT/'dvc.yaml').read_text()) == dvc_yaml()
+    assert yaml.safe_load((ROOT/'demo'/'dvc.yaml').read_text()) == dvc_yaml('../')
+
+def test_ci_cd_workflows_and_containers():
+    "The workflows validate against GitHub's schema (check-jsonschema's vendored copy); the images are non-root."
+    flows = sorted((ROOT/'.github'/'workflows').glob('*.y*ml'))
+    assert {f.stem for f in flows} >= {'test', 'docs', 'containers', 'retrain'}
+    r = run(BIN/'check-jsonschema', '--builtin-schema', 'vendor.github-workflows', *flows)
+    assert r.returncode == 0, r.stdout + r.stderr
+    retrain = yaml.safe_load((ROOT/'.github/workflows/retrain.yaml').read_text())
+    assert retrain[True]['schedule'] and 'clip-har retrain' in json.dumps(retrain)  # YAML reads `on:` as True
+    assert 'bash .ci/run' in (ROOT/'.github/workflows/test.yaml').read_text()
+    for name in ('train', 'serve', 'dashboard'):
+        text = (ROOT/'docker'/f'{name}.Dockerfile').read_text()
+        assert 'USER ' in text and 'HEALTHCHECK' in text or name == 'train', name
+    assert 'nvidia/cuda' in (ROOT/'docker/train.Dockerfile').read_text()
+    build = yaml.safe_load((ROOT/'.github/workflows/containers.yaml').read_text())['jobs']['build']
+    assert build['strategy']['matrix']['image'] == ['train', 'serve', 'dashboard']
+    assert any(step.get('with', {}).get('file') == 'docker/${{ matrix.image }}.Dockerfile' for step in build['steps'])
