@@ -11,6 +11,17 @@ from clip_har.serve import free_port
 
 SHOTS = ROOT/'outputs'/'screenshots'
 
+def wait_port(port, proc, log, timeout=120):
+    "Until something listens on 127.0.0.1:port (Voila renders a page only once its kernel has run the notebook)."
+    import socket
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, Path(log).read_text()[-3000:]
+        with socket.socket() as s:
+            if s.connect_ex(('127.0.0.1', port)) == 0: return
+        time.sleep(0.3)
+    raise TimeoutError(Path(log).read_text()[-3000:])
+
 def wait_http(url, proc, log, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -48,13 +59,15 @@ def test_the_dashboard_in_chromium(browser, model, tmp_path):
                             cwd=ROOT, env=env(), stdout=open(log, 'w'), stderr=subprocess.STDOUT)
     try:
         url = f'http://127.0.0.1:{port}/'
-        wait_http(url, proc, log)
+        wait_port(port, proc, log)
         page = browser.new_page(viewport={'width': 1280, 'height': 900})
         page.goto(url, timeout=180_000)
         page.wait_for_selector('.clip-har-model', timeout=180_000)
         assert TINY_MODEL in page.inner_text('.clip-har-model')
-        upload = page.locator('input[type=file]').first
-        upload.set_input_files(str(photo()))
+        def upload(path):  # as a user does: click the upload button, pick the file in the chooser
+            with page.expect_file_chooser() as chooser: page.locator('.widget-upload').first.click()
+            chooser.value.set_files(str(path))
+        upload(photo())
         page.wait_for_selector('.clip-har-result', timeout=60_000)
         result = page.locator('.clip-har-result').first
         assert result.get_attribute('data-label') in HAR_LABELS
@@ -68,12 +81,13 @@ def test_the_dashboard_in_chromium(browser, model, tmp_path):
         assert shot.size == (1280, 900) and len(set(shot.convert('L').getdata())) > 50  # not a blank page
         # a non-image upload: a message in the page, and the app goes on working
         notes = tmp_path/'notes.txt'; notes.write_text('not a photo')
-        upload.set_input_files(str(notes))
+        upload(notes)
         page.wait_for_selector('.clip-har-error', timeout=60_000)
         assert 'notes.txt: not a readable image' in page.inner_text('.clip-har-error')
         assert 'could not be read' in page.inner_text('.clip-har-message')
-        upload.set_input_files(str(photo()))
+        upload(photo())
         page.wait_for_selector('.clip-har-result', timeout=60_000)
+        assert page.locator('.clip-har-error').count() == 0
         page.close()
     finally:
         proc.terminate(); proc.wait(30)
