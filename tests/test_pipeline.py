@@ -21,11 +21,11 @@ def stages_run(out: str) -> list[str]:
 
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory) -> Path:
-    "A fresh copy of the checkout after `clip-har pipeline --demo` on the committed fixtures (1 epoch)."
+    "A fresh copy of the checkout after `clip-har pipeline --demo` on the committed fixtures (1 epoch; ONNX fp32 and int8)."
     repo = copy_checkout(tmp_path_factory.mktemp('pipeline')/'repo')
     t0 = time.time()
     r = clip_har('pipeline', '--demo', '-q', '--set', f'data.source={fixtures_dir()}',
-                 '--set', "train.stages=[{name: all, train: all, epochs: 1, lr: 1.0e-2}]", cwd=repo, timeout=1500)
+                 '--set', "train.stages=[{name: all, train: all, epochs: 1, lr: 1.0e-2}]", '--set', 'export.precisions=[fp32, int8]', cwd=repo, timeout=1500)
     print(f'demo pipeline on the fixtures: {time.time() - t0:.0f} s')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])['ran'] == ['prepare', 'zeroshot', 'train', 'evaluate', 'export', 'benchmark']
