@@ -227,10 +227,12 @@ class RateLimiter:
 
 # %% ../nbs/08_serve.ipynb #308ce2f4
 class Prediction(BaseModel):
+    "One label and its probability."
     class_name: str
     score: float
 
 class PredictResponse(BaseModel):
+    "The answer for one image: its top-k labels, the model, its version and the timings."
     predictions: list[Prediction]
     model: str
     model_version: str
@@ -238,6 +240,7 @@ class PredictResponse(BaseModel):
     timings_ms: dict[str, float]
 
 class BatchResponse(BaseModel):
+    "The answers for several images, in order."
     results: list[list[Prediction]]
     model: str
     model_version: str
@@ -263,6 +266,7 @@ class LabelsRequest(BaseModel):
     labels: list[str]|None = Field(None, min_length=1, max_length=1000)
 
 class LabelsResponse(BaseModel):
+    "The label set in use, the trained one, and whether they differ."
     labels: list[str]
     trained_labels: list[str]
     open_vocabulary: bool

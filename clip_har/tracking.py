@@ -46,7 +46,7 @@ class MLflowBackend:
         mlflow.set_tracking_uri(self.uri)
         if mlflow.active_run(): mlflow.end_run()
         if run_id is None: mlflow.set_experiment(self.experiment)
-        self.run_id = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags or None).info.run_id
+        self.run_id = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags or None).info.run_id  # a resumed run keeps its name
         if params: mlflow.log_params(params)
     def log_metrics(self, metrics:dict, step:int|None=None):
         import mlflow; mlflow.log_metrics(metrics, step=step)

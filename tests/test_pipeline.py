@@ -86,12 +86,12 @@ def _register(cfg, path: Path) -> int:
     with mlflow.start_run(run_name=path.stem): return int(log_classifier(path, cfg.track.register_as)['version'])
 
 def test_the_retrain_gate_both_ways(demo, tmp_path, monkeypatch):
-    import pandas as pd
     from clip_har.core import load_config
+    from clip_har.data import read_manifest
     from clip_har.pipeline import retrain_gate
     monkeypatch.chdir(demo)
     cfg = load_config('params.yaml')
-    test = pd.read_csv('data/prepared/manifest.csv').query("split == 'test'")
+    test = read_manifest('data/prepared/manifest.csv').query("split == 'test'")  # paths made absolute
     assert test.label.value_counts().max() == 1  # the fixtures' test split: one photo per class
     model = Path('outputs/train/wise_ft.pt')
     worse = _register(cfg, _centroid_model(model, tmp_path/'shifted.pt', test, shift=1))  # every photo gets its neighbour's label
