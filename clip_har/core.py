@@ -109,6 +109,16 @@ class TrainConfig(_Section):
     monitor: Literal['accuracy', 'valid_loss'] = 'accuracy'  # what early stopping and the best checkpoint watch
     wise_alphas: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # WiSE-FT blend weights to try
     distributed: Literal['auto', 'ddp', 'fsdp'] = 'auto'  # under torchrun: auto = ddp
+    epochs: int|None = Field(None, ge=1)  # when set, every stage runs this many epochs (a sweep knob: `dvc exp run -S train.epochs=5`)
+    lr: float|None = Field(None, gt=0)  # when set, every stage's learning rate (`dvc exp run -S train.lr=1e-4`)
+
+    @model_validator(mode='after')
+    def _sweep_knobs(self):
+        "`epochs` and `lr`, when set, apply to every stage."
+        upd = {k: v for k, v in (('epochs', self.epochs), ('lr', self.lr)) if v is not None}
+        if upd and any(getattr(s, k) != v for s in self.stages for k, v in upd.items()):
+            object.__setattr__(self, 'stages', [s.model_copy(update=upd) for s in self.stages])
+        return self
 
     @field_validator('wise_alphas')
     @classmethod

@@ -57,7 +57,7 @@ def test_dvc_after_the_demo(demo, tmp_path):
     run(BIN/'dvc', 'plots', 'show', '-o', tmp_path/'plots', cwd=demo, check=True)
     assert 'confusion matrix (evaluate split)' in (tmp_path/'plots'/'index.html').read_text()
     params = yaml.safe_load((demo/'params.yaml').read_text())
-    params['train']['stages'][0]['epochs'] = 2
+    params['train']['epochs'] = 2
     (demo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run(BIN/'dvc', 'repro', cwd=demo, check=True, timeout=1200).stdout
     assert stages_run(changed) == ['train', 'evaluate', 'export', 'benchmark'], changed

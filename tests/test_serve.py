@@ -223,10 +223,10 @@ def test_keys_and_rate_limits(model):
         r = httpx.post(url + '/predict/image', files=files, headers={'X-API-Key': 'user-1'})
         assert r.status_code == 429 and int(r.headers['retry-after']) >= 1 and 'rate limit' in r.json()['error']
         assert httpx.post(url + '/predict/image', files=files, headers={'X-API-Key': 'user-2'}).status_code == 200  # its own bucket
-        assert httpx.put(url + '/labels', json={'labels': ['a', 'b']}, headers={'X-API-Key': 'user-2'}).status_code == 403
-        r = httpx.put(url + '/labels', json={'labels': ['a', 'a']}, headers={'X-API-Key': 'admin-1'})
+        assert httpx.put(url + '/labels', json={'labels': ['a', 'b']}, headers={'X-API-Key': 'user-2'}, timeout=60).status_code == 403
+        r = httpx.put(url + '/labels', json={'labels': ['a', 'a']}, headers={'X-API-Key': 'admin-1'}, timeout=60)
         assert r.status_code == 422 and 'duplicated labels' in r.json()['error']
-        r = httpx.put(url + '/labels', json={'labels': ['riding a horse', 'reading']}, headers={'X-API-Key': 'admin-1'})
+        r = httpx.put(url + '/labels', json={'labels': ['riding a horse', 'reading']}, headers={'X-API-Key': 'admin-1'}, timeout=60)
         assert r.json()['labels'] == ['riding a horse', 'reading']
         with InferenceClient(url, api_key='user-2', backoff=0.2) as client:  # over the limit: waits out Retry-After, then succeeds
             got = [client.predict_from_bytes(JPG)['predictions'][0]['class_name'] for _ in range(4)]
