@@ -16,7 +16,7 @@ from .data import IMAGE_EXTS
 
 # %% auto #0
 __all__ = ['LocalSource', 'RemoteSource', 'find_models', 'open_source', 'prediction_chart', 'read_inputs', 'predict_many',
-           'latest_evaluation', 'Dashboard', 'dashboard_notebook', 'dashboard_command', 'run_dashboard']
+           'latest_evaluation', 'Dashboard', 'dashboard_notebook', 'dashboard_command', 'stop_tree', 'run_dashboard']
 
 # %% ../nbs/09_dashboard.ipynb #73916e8d
 class LocalSource:
@@ -323,10 +323,30 @@ def dashboard_command(host:str='127.0.0.1', port:int=8866) -> list[str]:
     return [voila, str(dashboard_notebook()), '--no-browser', f'--port={port}', f'--Voila.ip={host}',
             '--VoilaConfiguration.show_tracebacks=False']
 
+def stop_tree(pid:int, timeout:float=10.0):
+    "SIGTERM a process and everything it started (Voila's kernels run in sessions of their own), then SIGKILL what is left."
+    import psutil
+    try: root = psutil.Process(pid)
+    except psutil.NoSuchProcess: return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try: p.terminate()
+        except psutil.NoSuchProcess: pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try: p.kill()
+        except psutil.NoSuchProcess: pass
+
 def run_dashboard(out_dir:str|Path='outputs', model:str|None=None, api_url:str|None=None, mlflow_uri:str|None=None,
                   host:str='127.0.0.1', port:int=8866) -> int:
-    "Serve the dashboard with Voila until interrupted; returns Voila's exit status."
-    import subprocess
+    "Serve the dashboard with Voila until SIGTERM/SIGINT; Voila and its kernels stop with it. Returns Voila's exit status."
+    import signal, subprocess
     env = {**os.environ, 'CLIP_HAR_DASHBOARD': json.dumps(dict(out_dir=str(Path(out_dir).resolve()), model=model, api_url=api_url, mlflow_uri=mlflow_uri))}
     get_logger().info(f'dashboard on http://{host}:{port}/')
-    return subprocess.call(dashboard_command(host, port), env=env)
+    proc = subprocess.Popen(dashboard_command(host, port), env=env)
+    def stop(signum, frame): stop_tree(proc.pid)
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try: return proc.wait()
+    finally:
+        stop_tree(proc.pid)
+        for s, h in old.items(): signal.signal(s, h)

@@ -89,8 +89,13 @@ def test_the_dashboard_in_chromium(browser, model, tmp_path):
         page.wait_for_selector('.clip-har-result', timeout=60_000)
         assert page.locator('.clip-har-error').count() == 0
         page.close()
+        import psutil
+        tree = psutil.Process(proc.pid).children(recursive=True)  # voila and the page's kernel
+        assert any('ipykernel' in ' '.join(p.cmdline()) for p in tree)
     finally:
         proc.terminate(); proc.wait(30)
+    gone, alive = psutil.wait_procs(tree, timeout=15)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive  # no kernel outlives the dashboard
 
 def test_the_webcam_page_gets_predictions_from_the_fake_camera(browser, model, tmp_path):
     port = free_port()
