@@ -15,7 +15,7 @@ from .core import *
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named', 'dvc_yaml',
-           'write_dvc_yaml', 'notebooks_dir', 'log_run_records', 'run_stage', 'preflight', 'run_pipeline',
+           'write_dvc_yaml', 'notebooks_dir', 'log_run_records', 'run_stage', 'preflight', 'dvc', 'run_pipeline',
            'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain']
 
 # %% ../nbs/10_pipeline.ipynb #b4d1c8d2
@@ -150,6 +150,14 @@ def preflight(cfg:Config):
                             'local copies, or run the offline demo: `make demo`.')
 
 # %% ../nbs/10_pipeline.ipynb #9e567dc8
+def dvc(*args:str, folder:str|Path='.') -> subprocess.CompletedProcess:
+    "Run `dvc` (this environment's first) in `folder`, its stages finding this environment's `clip-har`; output captured."
+    bin_dir = Path(sys.executable).parent
+    exe = shutil.which('dvc', path=str(bin_dir)) or shutil.which('dvc')
+    if exe is None: raise PipelineError('dvc is not installed: pip install "dvc>=3.60" (or run with use_dvc=False)')
+    env = {**os.environ, 'PATH': f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([exe, *args], cwd=folder, text=True, capture_output=True, env=env)
+
 def run_pipeline(folder:str|Path='.', # holds params.yaml (and dvc.yaml to run through DVC)
                  stages:Sequence[str]|None=None, # default: all
                  use_dvc:bool=True, progress:bool=True) -> list[str]:
@@ -158,10 +166,7 @@ def run_pipeline(folder:str|Path='.', # holds params.yaml (and dvc.yaml to run t
     cfg = load_config(folder/'params.yaml')
     preflight(cfg)
     if use_dvc and (folder/'dvc.yaml').is_file():
-        dvc = shutil.which('dvc', path=str(Path(sys.executable).parent)) or shutil.which('dvc')
-        if dvc is None: raise PipelineError('dvc is not installed: pip install "dvc>=3.60" (or run with use_dvc=False)')
-        env = {**os.environ, 'PATH': f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the stages run this clip-har
-        r = subprocess.run([dvc, 'repro', *(stages or [])], cwd=folder, text=True, capture_output=True, env=env)
+        r = dvc('repro', *(stages or []), folder=folder)
         sys.stdout.write(r.stdout)
         if r.returncode:
             lines = [l for l in (r.stderr + r.stdout).splitlines() if 'error' in l.lower() or 'failed' in l.lower()]
@@ -241,9 +246,8 @@ def retrain(folder:str|Path='.', use_dvc:bool=True) -> dict:
     "Pull data, run the pipeline, and gate the new model version against the champion."
     folder = Path(folder).resolve()
     if use_dvc and (folder/'dvc.yaml').is_file():
-        remotes = subprocess.run(['dvc', 'remote', 'list'], cwd=folder, capture_output=True, text=True).stdout.strip()
-        if remotes:
-            r = subprocess.run(['dvc', 'pull'], cwd=folder, capture_output=True, text=True)
+        if dvc('remote', 'list', folder=folder).stdout.strip():
+            r = dvc('pull', folder=folder)
             if r.returncode: raise PipelineError(f'dvc pull failed: {r.stderr.strip()[-500:]}')
         else: get_logger('pipeline').info('no DVC remote configured: retraining on the data in the workspace')
     run_pipeline(folder, use_dvc=use_dvc)

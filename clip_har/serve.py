@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import numpy as np
 from fastcore.basics import patch
@@ -21,11 +21,11 @@ try: from fastapi import Depends, File, Query, Request, UploadFile  # module lev
 except ImportError: Request = None  # the client and the helpers work without the `serve` extra
 
 # %% auto #0
-__all__ = ['WEBCAM_HTML', 'ServeError', 'b64_image', 'preprocess_images', 'public_address', 'check_url', 'fetch_url',
-           'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction', 'PredictResponse', 'BatchResponse',
-           'PredictRequest', 'BatchRequest', 'LabelsRequest', 'LabelsResponse', 'default_model', 'create_app',
-           'free_port', 'serve_in_thread', 'ClientError', 'InferenceClient', 'load_test', 'app_from_env', 'serve',
-           'benchmark_serving']
+__all__ = ['WEBCAM_HTML', 'ServeError', 'b64_image', 'preprocess_images', 'public_address', 'check_url', 'pinned_request',
+           'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction', 'PredictResponse',
+           'BatchResponse', 'PredictRequest', 'BatchRequest', 'LabelsRequest', 'LabelsResponse', 'default_model',
+           'create_app', 'free_port', 'serve_in_thread', 'ClientError', 'InferenceClient', 'load_test', 'app_from_env',
+           'serve', 'benchmark_serving']
 
 # %% ../nbs/08_serve.ipynb #9d802508
 class ServeError(Exception):
@@ -71,29 +71,39 @@ def public_address(addr:str) -> bool:
 
 async def check_url(url:str, # the URL to fetch
                     trusted_hosts:Sequence[str]=(), # host names allowed to be private
-                   ):
-    "Refuse (400) a URL that is not http(s) or whose host resolves to any non-public address."
+                   ) -> str:
+    "The address to connect to for `url`; a 400 `ServeError` if it is not http(s) or its host resolves to any non-public address."
     parts = urlsplit(url)
     if parts.scheme not in ('http', 'https'): raise ServeError(400, f'URL refused: only http and https URLs are fetched, not {parts.scheme or "a relative URL"}')
     host = parts.hostname
     if not host: raise ServeError(400, 'URL refused: it has no host')
-    if host in trusted_hosts: return
     try: infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or (443 if parts.scheme == 'https' else 80), type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError): raise ServeError(400, f'URL refused: {host} does not resolve') from None
-    bad = sorted({i[4][0] for i in infos if not public_address(i[4][0])})
-    if bad: raise ServeError(400, f'URL refused: {host} resolves to a non-public address ({", ".join(bad)})')
+    except (socket.gaierror, UnicodeError, ValueError): raise ServeError(400, f'URL refused: {host} does not resolve') from None
+    addrs = [i[4][0] for i in infos]
+    bad = sorted({a for a in addrs if not public_address(a)})
+    if bad and host not in trusted_hosts: raise ServeError(400, f'URL refused: {host} resolves to a non-public address ({", ".join(bad)})')
+    return next((a for a in addrs if ':' not in a), addrs[0])  # IPv4 first
+
+def pinned_request(url:str, # the URL as given
+                   addr:str, # the address `check_url` approved
+                  ) -> tuple[str, dict, dict]:
+    "URL, headers and httpx extensions that connect to `addr` while still asking for `url`'s host (Host header, TLS name)."
+    parts = urlsplit(url)
+    netloc = (f'[{addr}]' if ':' in addr else addr) + (f':{parts.port}' if parts.port else '')
+    host = parts.netloc.rpartition('@')[2]  # never forward credentials in the URL
+    return urlunsplit(parts._replace(netloc=netloc)), {'Host': host, 'Accept': 'image/*'}, {'sni_hostname': parts.hostname} if parts.scheme == 'https' else {}
 
 async def fetch_url(url:str, # an http(s) image URL
                     max_bytes:int, # larger bodies are refused (413)
                     timeout_s:float, # for the whole fetch, redirects included
                     trusted_hosts:Sequence[str]=(), max_redirects:int=3) -> bytes:
-    "The body of `url`, every hop checked by `check_url`; 4xx `ServeError`s for what the URL does wrong."
+    "The body of `url`, every hop checked by `check_url` and fetched from the address it approved; 4xx `ServeError`s for what the URL does wrong."
     import httpx
     try:
         async with asyncio.timeout(timeout_s), httpx.AsyncClient(trust_env=False, follow_redirects=False) as client:
             for _ in range(max_redirects + 1):
-                await check_url(url, trusted_hosts)
-                async with client.stream('GET', url, headers={'Accept': 'image/*'}) as r:
+                target, headers, extensions = pinned_request(url, await check_url(url, trusted_hosts))
+                async with client.stream('GET', target, headers=headers, extensions=extensions) as r:
                     if r.is_redirect:
                         url = urljoin(url, r.headers.get('location', ''))
                         continue
