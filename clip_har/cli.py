@@ -263,31 +263,33 @@ def _override_dict(overrides:list[str]) -> dict:
     import yaml
     return {o.split('=', 1)[0].strip(): yaml.safe_load(o.split('=', 1)[1]) for o in overrides}
 
+def _pipeline_folder(args) -> Path:
+    "The folder `pipeline`/`retrain` work in: `demo/` (its params.yaml written from ours and the `--set`s) with `--demo`, else here."
+    if not args.demo:
+        if args.overrides: raise ConfigError('the main job reads params.yaml as it is (DVC tracks it): edit it, or use `dvc exp run -S key=value`')
+        return Path('.')
+    from clip_har.pipeline import write_demo_params
+    ov = _override_dict(args.overrides)
+    write_demo_params('demo', args.params if Path(args.params).is_file() else None, ov.pop('data.source', None), ov)
+    return Path('demo')
+
 def run_pipeline_cmd(args, cfg:Config) -> int:
     "`clip-har pipeline`: the whole job through DVC (or one stage, or the offline demo)."
-    from clip_har.pipeline import run_pipeline, run_stage, write_demo_params, write_dvc_yaml
+    from clip_har.pipeline import run_pipeline, run_stage, write_dvc_yaml
     if args.write_dvc:
         print(json.dumps([str(write_dvc_yaml('.')), str(write_dvc_yaml('demo', '../'))])); return 0
     if args.stage:
         print(json.dumps({'stage': args.stage, 'record': str(run_stage(args.stage, args.params, _override_dict(args.overrides), progress=not args.quiet))}))
         return 0
-    folder = Path('demo') if args.demo else Path('.')
-    if args.demo:
-        ov = _override_dict(args.overrides)
-        write_demo_params(folder, args.params if Path(args.params).is_file() else None, ov.pop('data.source', None), ov)
-    elif args.overrides: raise ConfigError('the main job reads params.yaml as it is (DVC tracks it): edit it, or use `dvc exp run -S key=value`')
+    folder = _pipeline_folder(args)
     ran = run_pipeline(folder, use_dvc=args.use_dvc, progress=not args.quiet)
     print(json.dumps({'folder': str(folder), 'ran': ran}))
     return 0
 
 def run_retrain(args, cfg:Config) -> int:
     "`clip-har retrain`: pull, run the pipeline, gate the candidate against the champion."
-    from clip_har.pipeline import retrain, write_demo_params
-    folder = Path('demo') if args.demo else Path('.')
-    if args.demo:
-        ov = _override_dict(args.overrides)
-        write_demo_params(folder, args.params if Path(args.params).is_file() else None, ov.pop('data.source', None), ov)
-    print(json.dumps(retrain(folder, args.use_dvc)))
+    from clip_har.pipeline import retrain
+    print(json.dumps(retrain(_pipeline_folder(args), args.use_dvc)))
     return 0
 
 def run_dashboard(args, cfg:Config) -> int:

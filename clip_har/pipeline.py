@@ -15,8 +15,8 @@ from .core import *
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named', 'dvc_yaml',
-           'write_dvc_yaml', 'notebooks_dir', 'log_run_records', 'run_stage', 'preflight', 'dvc', 'run_pipeline',
-           'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain']
+           'write_dvc_yaml', 'notebooks_dir', 'stage_notebook', 'log_run_records', 'run_stage', 'preflight', 'dvc',
+           'run_pipeline', 'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain']
 
 # %% ../nbs/10_pipeline.ipynb #b4d1c8d2
 class PipelineError(RuntimeError):
@@ -81,7 +81,7 @@ def write_dvc_yaml(folder:str|Path='.', prefix:str='') -> Path:
     p.write_text(DVC_HEADER + yaml.safe_dump(dvc_yaml(prefix), sort_keys=False, width=140))
     return p
 
-# %% ../nbs/10_pipeline.ipynb #b392c6ae
+# %% ../nbs/10_pipeline.ipynb #98858c0b
 def notebooks_dir() -> Path:
     "The numbered notebooks the stages run (a clip_har checkout's `nbs/`)."
     root = repo_root()
@@ -89,6 +89,26 @@ def notebooks_dir() -> Path:
         raise PipelineError('the pipeline runs the numbered notebooks in nbs/: run it from a clip_har checkout (git clone ...)')
     return root/'nbs'
 
+def _imports_only(source:str) -> bool:
+    "Whether a code cell only imports (directives and comments aside)."
+    import ast
+    try: body = ast.parse(source).body
+    except SyntaxError: return False
+    return bool(body) and all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in body)
+
+def stage_notebook(path:str|Path) -> 'nbformat.NotebookNode':
+    "The notebook a stage runs: prose, exported code, imports, then everything from the `parameters` cell on."
+    import nbformat
+    nb = nbformat.read(path, as_version=4)
+    at = next((i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', [])), None)
+    if at is None: raise PipelineError(f'{Path(path).name} has no cell tagged "parameters": it cannot run as a stage')
+    keep = [c for i, c in enumerate(nb.cells)
+            if i >= at or c.cell_type != 'code' or c.source.startswith('#| export') or _imports_only(c.source)]
+    nb.metadata['clip_har'] = {'stage_run': True, 'test_cells_left_out': len(nb.cells) - len(keep)}
+    nb.cells = keep
+    return nb
+
+# %% ../nbs/10_pipeline.ipynb #b392c6ae
 def _fill(template:str, cfg:Config) -> str:
     return template.replace('${paths.data_dir}', str(cfg.paths.data_dir)).replace('${paths.out_dir}', str(cfg.paths.out_dir))
 
@@ -118,7 +138,7 @@ def run_stage(name:str, # a stage in `STAGES`
     params = dict(params_file=str(Path(params_file).resolve()), overrides=overrides, out_dir=str(Path(_fill(stage.out_dir, cfg)).resolve()))
     get_logger('pipeline').info(f'stage {name}: papermill {nb_in.name} -> {nb_out}')
     try:
-        pm.execute_notebook(str(nb_in), str(nb_out), parameters=params, kernel_name='python3', cwd=os.getcwd(),
+        pm.execute_notebook(stage_notebook(nb_in), str(nb_out), parameters=params, kernel_name='python3', cwd=os.getcwd(),
                             progress_bar=progress, log_output=False)
     except pm.PapermillExecutionError as e:
         raise PipelineError(f'stage {name}: {stage.notebook} failed in cell {e.exec_count} ({e.ename}: {str(e.evalue)[:300]}); '

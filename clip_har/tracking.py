@@ -136,13 +136,13 @@ class Tracker:
 
 # %% ../nbs/05_tracking.ipynb #efdabc41
 def git_state(path:str|Path|None=None) -> dict:
-    "The commit of the git checkout at `path` (default: this repository), and whether it has uncommitted changes."
+    "The commit of the git checkout at `path` (default: this repository), and whether its tracked files have uncommitted changes."
     cwd = Path(path or repo_root() or '.')
     def git(*a):
         r = subprocess.run(['git', *a], cwd=cwd, capture_output=True, text=True, timeout=30)
         return r.stdout.strip() if r.returncode == 0 else None
     commit = git('rev-parse', 'HEAD')
-    return dict(git_commit=commit, git_dirty=bool(git('status', '--porcelain')) if commit else None)
+    return dict(git_commit=commit, git_dirty=bool(git('status', '--porcelain', '--untracked-files=no')) if commit else None)
 
 def _prepared_source(manifest:Path) -> str|None:
     "The source `prepare` read, from the validation report it left beside the manifest."

@@ -15,6 +15,9 @@ ARTIFACTS = ['data/prepared/manifest.csv', 'data/prepared/validation/report.json
              'outputs/benchmark/benchmark.md', 'outputs/benchmark/benchmark.png']
 RECORDS = ['01_data', '02_model', '03_train', '04_evaluate', '06_export', '07_inference']
 
+DEMO_SETS = ['--set', f'data.source={fixtures_dir()}', '--set', "train.stages=[{name: all, train: all, epochs: 1, lr: 1.0e-2}]",
+             '--set', 'export.precisions=[fp32, int8]']
+
 def stages_run(out: str) -> list[str]:
     "The stages a `dvc repro` ran, from its output."
     return [l.split("'")[1] for l in out.splitlines() if l.startswith("Running stage '")]
@@ -23,9 +26,9 @@ def stages_run(out: str) -> list[str]:
 def demo(tmp_path_factory) -> Path:
     "A fresh copy of the checkout after `clip-har pipeline --demo` on the committed fixtures (1 epoch; ONNX fp32 and int8)."
     repo = copy_checkout(tmp_path_factory.mktemp('pipeline')/'repo')
+    (repo/'demo'/'dvc.lock').unlink(missing_ok=True)  # a local demo's lock (untracked) is not part of a fresh clone
     t0 = time.time()
-    r = clip_har('pipeline', '--demo', '-q', '--set', f'data.source={fixtures_dir()}',
-                 '--set', "train.stages=[{name: all, train: all, epochs: 1, lr: 1.0e-2}]", '--set', 'export.precisions=[fp32, int8]', cwd=repo, timeout=1500)
+    r = clip_har('pipeline', '--demo', '-q', *DEMO_SETS, cwd=repo, timeout=1500)
     print(f'demo pipeline on the fixtures: {time.time() - t0:.0f} s')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])['ran'] == ['prepare', 'zeroshot', 'train', 'evaluate', 'export', 'benchmark']
@@ -41,6 +44,7 @@ def test_the_demo_leaves_every_artifact_and_run_record(demo):
         nb = json.loads((demo/'outputs'/'runs'/f'{name}.ipynb').read_text())
         assert nb['metadata']['papermill']['parameters']['params_file'].endswith('params.yaml')
         assert any(c.get('outputs') for c in nb['cells'] if c['cell_type'] == 'code')
+        assert nb['metadata']['clip_har']['test_cells_left_out'] > 0 and not any('test_eq(' in ''.join(c['source']) for c in nb['cells'])
     import mlflow  # the run records are logged to the training run
     run_id = json.loads((demo/'outputs/train/train_metrics.json').read_text())['mlflow_run_id']
     client = mlflow.MlflowClient(f"sqlite:///{demo/'outputs'/'mlflow.db'}")
@@ -108,6 +112,21 @@ def test_the_retrain_gate_both_ways(demo, tmp_path, monkeypatch):
     assert d['promoted'] and d['candidate_score'] == 1.0 and d['champion_score'] == 0.0
     assert client.get_registered_model(cfg.track.register_as).aliases['champion'] in (better, str(better))
     assert json.loads(Path('outputs/retrain/decision.json').read_text())['promoted'] is True
+
+def test_clip_har_retrain_keeps_a_champion_the_new_model_does_not_beat(demo):
+    "After the gate tests the champion scores 1.0 on the test split: `clip-har retrain` reruns nothing, scores the last trained version against it, and keeps it."
+    import mlflow
+    from clip_har.core import load_config
+    cfg = load_config(demo/'params.yaml')
+    client = mlflow.MlflowClient(f"sqlite:///{demo/'outputs'/'mlflow.db'}")
+    champion = int(client.get_registered_model(cfg.track.register_as).aliases['champion'])
+    r = clip_har('retrain', '--demo', '-q', *DEMO_SETS, '--set', 'train.epochs=2', cwd=demo.parent, timeout=900)  # the params test_dvc_after_the_demo left
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'Running stage' not in r.stdout, r.stdout
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    trained = json.loads((demo/'outputs/train/train_metrics.json').read_text())['registered']['version']
+    assert (d['candidate'], d['champion'], d['champion_score'], d['promoted']) == (int(trained), champion, 1.0, False), d
+    assert int(client.get_registered_model(cfg.track.register_as).aliases['champion']) == champion
 
 def test_a_failing_stage_names_its_notebook_and_cell_and_keeps_it(demo, tmp_path):
     r = clip_har('pipeline', '--stage', 'prepare', '--set', f'data.source={tmp_path}/no-such-folder', '--set', f'paths.out_dir={tmp_path}/out',
