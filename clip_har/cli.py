@@ -303,18 +303,12 @@ def run_dashboard(args, cfg:Config) -> int:
 # %% ../nbs/11_cli.ipynb #cd10b568
 def main(argv:list[str]|None=None) -> int:
     "Run `clip-har` with `argv` (default: the process arguments); return the exit status."
-    from clip_har.data import DataSourceError
-    from clip_har.model import ModelLoadError
-    from clip_har.train import CheckpointError
-    from clip_har.tracking import HubError
-    from clip_har.export import ExportError
-    from clip_har.pipeline import PipelineError
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet: get_logger(level='WARNING')
     try:
         cfg = load_config(args.params, args.overrides)
         return args.run(args, cfg)
-    except (ConfigError, DataSourceError, ModelLoadError, CheckpointError, HubError, ExportError, PipelineError, FileNotFoundError) as e:
+    except (ClipHarError, FileNotFoundError) as e:  # what a user can fix: one line, no traceback
         print(f'clip-har {args.command}: error: {e}', file=sys.stderr)
         return 2

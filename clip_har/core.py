@@ -12,10 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'HAR_MINI_MISSING', 'get_logger', 'ConfigError', 'PathsConfig',
-           'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit',
-           'ExportConfig', 'ServeConfig', 'RetrainConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config',
-           'config_dict', 'save_config', 'seed_everything', 'get_device', 'hub_offline', 'hub_reachable',
+__all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'HAR_MINI_MISSING', 'get_logger', 'ClipHarError', 'ConfigError',
+           'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig',
+           'ParityLimit', 'ExportConfig', 'ServeConfig', 'RetrainConfig', 'Config', 'close_matches', 'parse_overrides',
+           'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device', 'hub_offline', 'hub_reachable',
            'register_test_models', 'file_sha256', 'running_benchmarks', 'repo_root', 'fixtures_dir', 'har_mini_dir']
 
 # %% ../nbs/00_core.ipynb #84935b37
@@ -38,7 +38,10 @@ def get_logger(name:str|None=None, # child name, e.g. `data` gives `clip_har.dat
     return root.getChild(name) if name else root
 
 # %% ../nbs/00_core.ipynb #698d426b
-class ConfigError(ValueError):
+class ClipHarError(Exception):
+    "A problem the user can fix (bad config, missing data, a failed stage): the command line reports it in one line."
+
+class ConfigError(ClipHarError, ValueError):
     "A bad `params.yaml` key or value; the message names the key and what is allowed."
 
 class _Section(BaseModel):
@@ -112,13 +115,11 @@ class TrainConfig(_Section):
     epochs: int|None = Field(None, ge=1)  # when set, every stage runs this many epochs (a sweep knob: `dvc exp run -S train.epochs=5`)
     lr: float|None = Field(None, gt=0)  # when set, every stage's learning rate (`dvc exp run -S train.lr=1e-4`)
 
-    @model_validator(mode='after')
-    def _sweep_knobs(self):
-        "`epochs` and `lr`, when set, apply to every stage."
+    @property
+    def run_stages(self) -> list[StageConfig]:
+        "The stages as they run: `epochs` and `lr`, when set, replace every stage's (the config itself keeps what was written)."
         upd = {k: v for k, v in (('epochs', self.epochs), ('lr', self.lr)) if v is not None}
-        if upd and any(getattr(s, k) != v for s in self.stages for k, v in upd.items()):
-            object.__setattr__(self, 'stages', [s.model_copy(update=upd) for s in self.stages])
-        return self
+        return [s.model_copy(update=upd) for s in self.stages]
 
     @field_validator('wise_alphas')
     @classmethod

@@ -28,7 +28,7 @@ __all__ = ['IMAGE_EXTS', 'SPLIT_NAMES', 'PATH_COLUMNS', 'LABEL_COLUMNS', 'MANIFE
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 SPLIT_NAMES = {'train': 'train', 'valid': 'valid', 'validation': 'valid', 'val': 'valid', 'test': 'test'}
 
-class DataSourceError(ValueError):
+class DataSourceError(ClipHarError, ValueError):
     "A data source that cannot be read; the message says why and what to do."
 
 def _items(paths, labels, splits=None) -> pd.DataFrame:

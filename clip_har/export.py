@@ -40,7 +40,7 @@ FORMATS = ('onnx', 'torchscript', 'tensorrt')
 PRECISIONS = ('fp32', 'fp16', 'int8')
 BACKENDS = ('pytorch', 'torchscript', 'onnx', 'tensorrt')
 
-class ExportError(ValueError):
+class ExportError(ClipHarError, ValueError):
     "An export that cannot be made, validated or loaded; the message says why."
 
 def manifest_path(path:str|Path) -> Path:

@@ -22,7 +22,7 @@ __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'ModelLoadError', '
            'plot_confusion', 'write_metrics', 'evaluate_zeroshot', 'benchmark_classifier_build']
 
 # %% ../nbs/02_model.ipynb #0ef7e6b6
-class ModelLoadError(ValueError):
+class ModelLoadError(ClipHarError, ValueError):
     "A backbone that cannot be loaded; the message says why and what to do."
 
 OFFLINE_FIX = ('No CLIP weights can be downloaded from here. Give a local checkpoint (model.pretrained=/path/weights.pt), '

@@ -19,7 +19,7 @@ __all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'DEMO_OVERRIDES', 'PipelineErr
            'run_pipeline', 'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain']
 
 # %% ../nbs/10_pipeline.ipynb #b4d1c8d2
-class PipelineError(RuntimeError):
+class PipelineError(ClipHarError, RuntimeError):
     "A stage that could not run or failed; the message says where to look."
 
 @dataclass
@@ -32,6 +32,7 @@ class Stage:
     deps: list[str] = field(default_factory=list)  # data it reads (templated with ${paths.*})
     outs: list[str] = field(default_factory=list)  # what it leaves
     out_dir: str = ''  # the notebook's out_dir parameter (templated)
+    uncached: list[str] = field(default_factory=list)  # outs too big to keep every version of in DVC's cache (regenerable)
 
 STAGES = [
     Stage('prepare', '01_data.ipynb', ['seed', 'data.source', 'data.valid_pct', 'data.test_pct', 'data.min_image_size', 'paths.data_dir', 'paths.cache_dir'],
@@ -41,9 +42,10 @@ STAGES = [
     Stage('train', '03_train.ipynb', ['seed', 'device', 'model', 'data', 'train', 'track'],
           ['model', 'train', 'tracking'], ['${paths.data_dir}/prepared'], ['${paths.out_dir}/train'], '${paths.out_dir}/train'),
     Stage('evaluate', '04_evaluate.ipynb', ['evaluate', 'data.batch_size', 'track'],
-          ['evaluate', 'tracking'], ['${paths.data_dir}/prepared', '${paths.out_dir}/train'], ['${paths.out_dir}/evaluate', '${paths.out_dir}/hub'], '${paths.out_dir}/evaluate'),
+          ['evaluate', 'tracking'], ['${paths.data_dir}/prepared', '${paths.out_dir}/train'], ['${paths.out_dir}/evaluate', '${paths.out_dir}/hub'], '${paths.out_dir}/evaluate',
+          ['${paths.out_dir}/hub']),
     Stage('export', '06_export.ipynb', ['export'],
-          ['export'], ['${paths.data_dir}/prepared', '${paths.out_dir}/train'], ['${paths.out_dir}/export'], '${paths.out_dir}/export'),
+          ['export'], ['${paths.data_dir}/prepared', '${paths.out_dir}/train'], ['${paths.out_dir}/export'], '${paths.out_dir}/export', ['${paths.out_dir}/export']),
     Stage('benchmark', '07_inference.ipynb', ['device'],
           ['inference'], ['${paths.out_dir}/train', '${paths.out_dir}/export'], ['${paths.out_dir}/benchmark'], '${paths.out_dir}/benchmark'),
 ]
@@ -63,7 +65,7 @@ def dvc_yaml(prefix:str='', # the path from the folder holding dvc.yaml back to 
     for s in STAGES:
         d = {'cmd': f'clip-har pipeline --stage {s.name} --quiet',
              'deps': [f'{prefix}nbs/{s.notebook}'] + [f'{prefix}clip_har/{m}.py' for m in s.code] + s.deps,
-             'params': s.params, 'outs': [o if s.name in ('prepare', 'train') else {o: {'cache': False}} for o in s.outs]}
+             'params': s.params, 'outs': [{o: {'cache': False}} if o in s.uncached else o for o in s.outs]}
         stages[s.name] = d
     return {'stages': stages,
             'metrics': ['${paths.out_dir}/evaluate/metrics.json'],

@@ -369,7 +369,7 @@ def load_hub_classifier(folder:str|Path, # a folder from `save_hub_folder` (or i
     return clf.eval()
 
 # %% ../nbs/05_tracking.ipynb #67746837
-class HubError(RuntimeError):
+class HubError(ClipHarError, RuntimeError):
     "The Hugging Face Hub cannot take the upload; the message says why and what to do."
 
 def push_to_hub(folder:str|Path, # from `save_hub_folder`

@@ -186,7 +186,7 @@ class TrainState(Callback):
         if better: atomic_save({k: v for k, v in ckpt.items() if k != 'opt'}, self.ckpt_dir/'best.pt')
 
 # %% ../nbs/03_train.ipynb #dc558981
-class CheckpointError(ValueError):
+class CheckpointError(ClipHarError, ValueError):
     "A checkpoint that cannot be resumed from; the message says why."
 
 def read_train_checkpoint(path:str|Path, # a `last.pt` or `best.pt`
@@ -219,13 +219,13 @@ def fit_stages(learn:Learner, # from `build_learner`
                opt_state:dict|None=None, # the optimiser state to resume with
                extra_cbs:Sequence[Callback]=(), # e.g. trackers and `TrainState`
               ) -> RunState:
-    "Train every stage of `cfg.train.stages` from where `state` says the run is."
+    "Train every stage of `cfg.train.run_stages` from where `state` says the run is."
     with torch.enable_grad(): return _fit_stages(learn, cfg, state, opt_state, extra_cbs)
 
 def _fit_stages(learn, cfg, state, opt_state, extra_cbs):
     t = cfg.train
     if learn.opt is None: learn.create_opt()
-    for i, stage in enumerate(t.stages):
+    for i, stage in enumerate(t.run_stages):
         if i < state.stage: continue
         start = state.epoch if i == state.stage else 0
         state.stage, state.epoch = i, start
@@ -235,10 +235,10 @@ def _fit_stages(learn, cfg, state, opt_state, extra_cbs):
         cbs = list(extra_cbs)
         if t.patience: cbs.append(EarlyStoppingCallback(monitor=t.monitor, comp=np.less if t.monitor == 'valid_loss' else np.greater, patience=t.patience))
         lrs = stage_lrs(learn, stage.lr, t.lr_mult)
-        get_logger('train').info(f"stage {i + 1}/{len(t.stages)} '{stage.name}' ({stage.train}): {stage.epochs} epochs from epoch {start}, peak lr {stage.lr:g}")
+        get_logger('train').info(f"stage {i + 1}/{len(t.run_stages)} '{stage.name}' ({stage.train}): {stage.epochs} epochs from epoch {start}, peak lr {stage.lr:g}")
         if t.schedule == 'one_cycle': learn.fit_one_cycle(stage.epochs, lrs, start_epoch=start, cbs=cbs)
         else: learn.fit_flat_cos(stage.epochs, lrs, pct_start=0.0, start_epoch=start, cbs=cbs)
-    state.stage, state.epoch = len(t.stages), 0
+    state.stage, state.epoch = len(t.run_stages), 0
     return state
 
 # %% ../nbs/03_train.ipynb #04573b5c

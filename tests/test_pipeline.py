@@ -26,7 +26,7 @@ def stages_run(out: str) -> list[str]:
 def demo(tmp_path_factory) -> Path:
     "A fresh copy of the checkout after `clip-har pipeline --demo` on the committed fixtures (1 epoch; ONNX fp32 and int8)."
     repo = copy_checkout(tmp_path_factory.mktemp('pipeline')/'repo')
-    (repo/'demo'/'dvc.lock').unlink(missing_ok=True)  # a local demo's lock (untracked) is not part of a fresh clone
+    for f in ('dvc.lock', 'params.yaml'): (repo/'demo'/f).unlink(missing_ok=True)  # a local demo's (untracked): not in a fresh clone
     t0 = time.time()
     r = clip_har('pipeline', '--demo', '-q', *DEMO_SETS, cwd=repo, timeout=1500)
     print(f'demo pipeline on the fixtures: {time.time() - t0:.0f} s')
@@ -52,7 +52,7 @@ def test_the_demo_leaves_every_artifact_and_run_record(demo):
     assert {f'{n}.ipynb' for n in RECORDS} <= logged, logged
 
 def test_dvc_after_the_demo(demo, tmp_path):
-    "Nothing to redo; metrics and plots show; a training change reruns train and what follows, not prepare."
+    "Nothing to redo; metrics and plots show; a sweep point (`dvc exp run -S train.epochs=2`) reruns train and what follows, not prepare."
     again = run(BIN/'dvc', 'repro', cwd=demo, check=True)
     assert 'Running stage' not in again.stdout and 'up to date' in again.stdout, again.stdout
     shown = run(BIN/'dvc', 'metrics', 'show', cwd=demo, check=True).stdout
@@ -60,11 +60,14 @@ def test_dvc_after_the_demo(demo, tmp_path):
     assert 'top1' in shown and f'{top1:.5f}'[:5] in shown, shown
     run(BIN/'dvc', 'plots', 'show', '-o', tmp_path/'plots', cwd=demo, check=True)
     assert 'confusion matrix (evaluate split)' in (tmp_path/'plots'/'index.html').read_text()
-    params = yaml.safe_load((demo/'params.yaml').read_text())
-    params['train']['epochs'] = 2
-    (demo/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = run(BIN/'dvc', 'repro', cwd=demo, check=True, timeout=1200).stdout
+    changed = run(BIN/'dvc', 'exp', 'run', '-S', 'train.epochs=2', cwd=demo, check=True, timeout=1200).stdout
     assert stages_run(changed) == ['train', 'evaluate', 'export', 'benchmark'], changed
+    assert yaml.safe_load((demo/'params.yaml').read_text())['train']['epochs'] == 2  # the experiment is in the workspace
+    import csv, io
+    exps = list(csv.DictReader(io.StringIO(run(BIN/'dvc', 'exp', 'show', '--csv', cwd=demo, check=True).stdout)))
+    exp = next(e for e in exps if e['Experiment'])  # the experiment's row: its params and its metrics, for comparing sweep points
+    top1 = json.loads((demo/'outputs/evaluate/metrics.json').read_text())['top1']
+    assert exp['demo/params.yaml:train.epochs'] == '2' and abs(float(exp['top1']) - top1) < 1e-9, exp
 
 def _centroid_model(src: Path, dst: Path, rows, shift: int = 0) -> Path:
     """A copy of a trained classifier whose head is the nearest class centroid of `rows`' images (the test split itself:
