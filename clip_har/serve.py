@@ -377,6 +377,7 @@ def _need_content_type(request, *kinds:str):
 # %% ../nbs/08_serve.ipynb #8592e9b9
 def create_app(settings:ServeConfig|None=None, # the `serve` section (default: its defaults)
                predictor=None, # a loaded `Predictor`; default: load `settings.model` when the app starts
+               load_first:bool=False, # load the model before taking connections (else in the background, /ready saying when)
               ):
     "The FastAPI app of the prediction service."
     if Request is None: raise ImportError('the service needs the serve extra: pip install "clip_har[serve]"')
@@ -396,8 +397,11 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
     @asynccontextmanager
     async def lifespan(app):
         state.batcher.start()
-        if not state.ready.is_set(): threading.Thread(target=state.load_model, daemon=True, name='clip-har-load').start()
-        else: state.metrics['ready'].set(1)
+        if state.ready.is_set(): state.metrics['ready'].set(1)
+        elif load_first:
+            await asyncio.get_running_loop().run_in_executor(None, state.load_model)
+            if state.error: raise RuntimeError(f'the model did not load: {state.error}')
+        else: threading.Thread(target=state.load_model, daemon=True, name='clip-har-load').start()
         yield
         await state.batcher.stop()
         state.decoders.shutdown(wait=False)
@@ -784,8 +788,8 @@ def load_test(url:str, # the service's base URL
 
 # %% ../nbs/08_serve.ipynb #21dd500b
 def app_from_env():
-    "The app for uvicorn workers: the settings travel as JSON in `$CLIP_HAR_SERVE`."
-    return create_app(ServeConfig.model_validate_json(os.environ['CLIP_HAR_SERVE']))
+    "The app for uvicorn workers: the settings travel as JSON in `$CLIP_HAR_SERVE`; each loads its model before it takes connections."
+    return create_app(ServeConfig.model_validate_json(os.environ['CLIP_HAR_SERVE']), load_first=True)
 
 def serve(settings:ServeConfig, # the `serve` section, with `model` set
           log_level:str='info'):

@@ -234,14 +234,24 @@ def test_keys_and_rate_limits(model):
     finally: stop(proc)
 
 def test_graceful_shutdown_finishes_in_flight_requests(model):
-    proc, url, _ = start(model, 'serve.max_batch=64', 'serve.max_wait_ms=2000')  # a lone request waits 2 s for company
-    result = {}
-    def call(): result['r'] = httpx.post(url + '/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}, timeout=30)
+    "SIGTERM while an upload is still arriving: the server stops accepting, finishes that request (200), then exits."
+    proc, url, _ = start(model)
+    boundary, half = 'clip-har-test', len(JPG) // 2
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+    first_half_sent, result = threading.Event(), {}
+    def slow_body():  # the request is in flight, half uploaded, when SIGTERM arrives
+        yield head + JPG[:half]
+        first_half_sent.set(); time.sleep(2)
+        yield JPG[half:] + f'\r\n--{boundary}--\r\n'.encode()
+    def call():
+        result['r'] = httpx.post(url + '/predict/image', content=slow_body(), timeout=60,
+                                 headers={'Content-Type': f'multipart/form-data; boundary={boundary}'})
     t = threading.Thread(target=call); t.start()
-    time.sleep(0.7)
+    assert first_half_sent.wait(30)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
-    t.join(30)
-    assert result['r'].status_code == 200 and len(result['r'].json()['predictions']) == 5
+    t.join(60)
+    assert result['r'].status_code == 200 and len(result['r'].json()['predictions']) == 5, result['r'].text
     assert proc.wait(30) in (0, -signal.SIGTERM)
     with pytest.raises(httpx.ConnectError): httpx.get(url + '/health', timeout=2)
 
