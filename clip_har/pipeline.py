@@ -15,8 +15,8 @@ from .core import *
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named', 'dvc_yaml',
-           'write_dvc_yaml', 'notebooks_dir', 'stage_notebook', 'log_run_records', 'run_stage', 'preflight', 'dvc',
-           'run_pipeline', 'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain']
+           'write_dvc_yaml', 'notebooks_dir', 'stage_notebook', 'run_notebook', 'log_run_records', 'run_stage',
+           'preflight', 'dvc', 'run_pipeline', 'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain']
 
 # %% ../nbs/10_pipeline.ipynb #b4d1c8d2
 class PipelineError(ClipHarError, RuntimeError):
@@ -110,6 +110,38 @@ def stage_notebook(path:str|Path) -> 'nbformat.NotebookNode':
     nb.cells = keep
     return nb
 
+# %% ../nbs/10_pipeline.ipynb #a5eec250
+def _kernel_manager_class(stderr_log:Path) -> type:
+    "A kernel manager class whose kernels write their own stderr (shutdown noise, crash reports; not cell output) to `stderr_log`."
+    from jupyter_client.manager import AsyncKernelManager
+    class StageKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(stderr_log, 'ab') as f: return await super()._async_launch_kernel(kernel_cmd, **{**kw, 'stderr': f})
+    return StageKernelManager
+
+def run_notebook(nb:str|Path|'nbformat.NotebookNode', # with a cell tagged `parameters`
+                 nb_out:str|Path, # the executed notebook: kept whether it passes or fails
+                 parameters:dict|None=None, # papermill parameters
+                 label:str='', # names the run in errors (default: the notebook's file name)
+                 progress:bool=True) -> Path:
+    "Run `nb` with papermill into `nb_out`, the kernel's own log beside it (`.kernel.log`); failures are `PipelineError`s."
+    import papermill as pm
+    from nbclient.exceptions import DeadKernelError
+    nb_out = Path(nb_out); nb_out.parent.mkdir(parents=True, exist_ok=True)
+    label = label or (Path(nb).name if isinstance(nb, (str, Path)) else nb_out.name)
+    kernel_log = nb_out.with_suffix('.kernel.log'); kernel_log.unlink(missing_ok=True)
+    try:
+        pm.execute_notebook(nb if not isinstance(nb, Path) else str(nb), str(nb_out), parameters=parameters or {}, kernel_name='python3', language='python',
+                            cwd=os.getcwd(), progress_bar=progress, log_output=False, kernel_manager_class=_kernel_manager_class(kernel_log))
+    except pm.PapermillExecutionError as e:
+        raise PipelineError(f'{label} failed in cell {e.exec_count} ({e.ename}: {str(e.evalue)[:300]}); '
+                            f'the executed notebook is kept at {nb_out}') from None
+    except DeadKernelError:
+        tail = kernel_log.read_text(errors='replace').strip().splitlines()[-3:] if kernel_log.is_file() else []
+        raise PipelineError(f'{label}: the kernel died (killed, out of memory or exited); the executed notebook is kept at {nb_out}, the kernel log at {kernel_log}'
+                            + (': ' + ' | '.join(tail) if tail else '')) from None
+    return nb_out
+
 # %% ../nbs/10_pipeline.ipynb #b392c6ae
 def _fill(template:str, cfg:Config) -> str:
     return template.replace('${paths.data_dir}', str(cfg.paths.data_dir)).replace('${paths.out_dir}', str(cfg.paths.out_dir))
@@ -130,21 +162,15 @@ def run_stage(name:str, # a stage in `STAGES`
               overrides:Mapping|None=None, # dotted keys over it, e.g. {"train.lr": 1e-4}
               progress:bool=True) -> Path:
     "Run one stage's notebook with papermill; the executed notebook's path. Failures are `PipelineError`s."
-    import papermill as pm
     stage = stage_named(name)
     overrides = dict(overrides or {})
     cfg = load_config(params_file, overrides)  # a bad key or value fails here, before any work
     nb_in = notebooks_dir()/stage.notebook
-    runs = Path(cfg.paths.out_dir)/'runs'; runs.mkdir(parents=True, exist_ok=True)
+    runs = Path(cfg.paths.out_dir)/'runs'
     nb_out = runs/stage.notebook
     params = dict(params_file=str(Path(params_file).resolve()), overrides=overrides, out_dir=str(Path(_fill(stage.out_dir, cfg)).resolve()))
     get_logger('pipeline').info(f'stage {name}: papermill {nb_in.name} -> {nb_out}')
-    try:
-        pm.execute_notebook(stage_notebook(nb_in), str(nb_out), parameters=params, kernel_name='python3', cwd=os.getcwd(),
-                            progress_bar=progress, log_output=False)
-    except pm.PapermillExecutionError as e:
-        raise PipelineError(f'stage {name}: {stage.notebook} failed in cell {e.exec_count} ({e.ename}: {str(e.evalue)[:300]}); '
-                            f'the executed notebook is kept at {nb_out}') from None
+    run_notebook(stage_notebook(nb_in), nb_out, params, label=f'stage {name}: {stage.notebook}', progress=progress)
     log_run_records(cfg, runs)
     return nb_out
 

@@ -139,6 +139,7 @@ def test_a_failing_stage_names_its_notebook_and_cell_and_keeps_it(demo, tmp_path
     kept = tmp_path/'out'/'runs'/'01_data.ipynb'
     assert f'the executed notebook is kept at {kept}' in r.stderr.replace(str(kept.resolve()), str(kept)) or kept.is_file()
     assert kept.is_file() and 'papermill' in json.loads(kept.read_text())['metadata']
+    assert (kept.parent/'01_data.kernel.log').is_file() and '[IPKernelApp]' not in r.stderr  # the kernel's own stderr goes to its log
 
 @pytest.mark.parametrize('args, message', [
     (['--stage', 'train', '--set', 'train.epochz=3'], "unknown key 'train.epochz'"),
