@@ -19,9 +19,10 @@ try: from mlflow.pyfunc import PythonModel  # the `track` extra
 except ImportError: PythonModel = object
 
 # %% auto #0
-__all__ = ['HAR_CAVEATS', 'HUB_FORMAT', 'flat_params', 'MLflowBackend', 'WandbBackend', 'Tracker', 'git_state', 'lineage',
-           'TrackerCallback', 'pyfunc_images', 'HarPyfuncModel', 'log_classifier', 'promote', 'model_versions',
-           'compare_runs', 'model_card', 'save_hub_folder', 'load_hub_classifier', 'HubError', 'push_to_hub']
+__all__ = ['HAR_CAVEATS', 'HUB_FORMAT', 'flat_params', 'use_experiment', 'MLflowBackend', 'WandbBackend', 'Tracker', 'git_state',
+           'lineage', 'TrackerCallback', 'pyfunc_images', 'HarPyfuncModel', 'log_classifier', 'promote',
+           'model_versions', 'compare_runs', 'model_card', 'save_hub_folder', 'load_hub_classifier', 'HubError',
+           'push_to_hub']
 
 # %% ../nbs/05_tracking.ipynb #f8414425
 def flat_params(d:Mapping, prefix:str='') -> dict:
@@ -34,6 +35,17 @@ def flat_params(d:Mapping, prefix:str='') -> dict:
     return {k: (str(v)[:490] if v is not None else 'null') for k, v in out.items()}
 
 # %% ../nbs/05_tracking.ipynb #93b8bdb3
+def use_experiment(uri:str, # the tracking URI
+                   name:str) -> str:
+    "Make `name` the active MLflow experiment, its id; one new on a sqlite store keeps its artifacts beside the database."
+    import mlflow
+    if uri.startswith('sqlite:///') and mlflow.get_experiment_by_name(name) is None:
+        where = Path(uri[len('sqlite:///'):]).resolve().parent/'mlartifacts'  # MLflow's default: ./mlruns, wherever the run starts
+        try: mlflow.create_experiment(name, artifact_location=where.as_uri())
+        except mlflow.exceptions.MlflowException: pass  # another process made it first
+    return mlflow.set_experiment(name).experiment_id
+
+#| export
 class MLflowBackend:
     "Logs to MLflow: a sqlite store or a tracking server."
     name = 'MLflow'
@@ -45,7 +57,7 @@ class MLflowBackend:
         import mlflow
         mlflow.set_tracking_uri(self.uri)
         if mlflow.active_run(): mlflow.end_run()
-        if run_id is None: mlflow.set_experiment(self.experiment)
+        if run_id is None: use_experiment(self.uri, self.experiment)
         self.run_id = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags or None).info.run_id  # a resumed run keeps its name
         if params: mlflow.log_params(params)
     def log_metrics(self, metrics:dict, step:int|None=None):
@@ -81,7 +93,10 @@ class WandbBackend:
         import wandb
         art = wandb.Artifact(registered_name or 'clip-har-model', type='model', metadata=tags)
         art.add_file(str(path)); self.run.log_artifact(art)
-    def end(self, status:str='FINISHED'): self.run.finish(exit_code=0 if status == 'FINISHED' else 1)
+    def end(self, status:str='FINISHED'):
+        import wandb
+        self.run.finish(exit_code=0 if status == 'FINISHED' else 1)
+        wandb.teardown()  # finish returns before W&B's writer has flushed the run to disk; teardown waits for it
 
 # %% ../nbs/05_tracking.ipynb #d98b22c6
 class Tracker:
