@@ -6,7 +6,7 @@ config = ConfigParser(delimiters=['='])
 config.read('settings.ini', encoding='utf-8')
 cfg = config['DEFAULT']
 
-licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
+licenses = {'apache2': 'Apache-2.0'}  # SPDX expressions (license classifiers are deprecated)
 statuses = ['Planning', 'Pre-Alpha', 'Alpha', 'Beta', 'Production/Stable', 'Mature', 'Inactive']
 lic = licenses[cfg['license']]
 
@@ -20,12 +20,12 @@ extras['all'] = sorted({r for k, v in extras.items() if k != 'dev' for r in v})
 extras['dev'] = sorted(set(extras['dev']) | set(extras['all']))
 
 setuptools.setup(
-    name=cfg['lib_name'], version=cfg['version'], license=lic[0],
+    name=cfg['lib_name'], version=cfg['version'], license_expression=lic,
     classifiers=['Development Status :: ' + statuses[int(cfg['status'])],
                  'Intended Audience :: ' + cfg['audience'].title(),
-                 'License :: ' + lic[1], 'Natural Language :: ' + cfg['language'].title(),
+                 'Natural Language :: ' + cfg['language'].title(),
                  'Programming Language :: Python :: 3'],
-    url=cfg['git_url'], packages=setuptools.find_packages(include=['clip_har', 'clip_har.*']),
+    url=cfg['git_url'], packages=setuptools.find_namespace_packages(include=['clip_har', 'clip_har.*'], exclude=['*.__pycache__']),
     include_package_data=True, install_requires=reqs('requirements'), extras_require=extras,
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(), long_description_content_type='text/markdown',
