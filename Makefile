@@ -40,7 +40,7 @@ nbtest: install
 docs: install
 	$(OFFLINE) $(BIN)/python tools/docs.py
 
-## Two workers, one test file each (a file's tests share its fixtures: a server, a demo run): 24 -> 20 minutes here.
+## Two workers, one test file each (a file's tests share its fixtures: a server, a demo run): 24 -> 15 minutes on 2 cores.
 pytest: install
 	$(OFFLINE) $(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=12 -n 2 --dist loadfile
 

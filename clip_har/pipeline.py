@@ -131,7 +131,7 @@ def run_notebook(nb:str|Path|'nbformat.NotebookNode', # with a cell tagged `para
     label = label or (Path(nb).name if isinstance(nb, (str, Path)) else nb_out.name)
     kernel_log = nb_out.with_suffix('.kernel.log'); kernel_log.unlink(missing_ok=True)
     try:
-        pm.execute_notebook(nb if not isinstance(nb, Path) else str(nb), str(nb_out), parameters=parameters or {}, kernel_name='python3', language='python',
+        pm.execute_notebook(str(nb) if isinstance(nb, Path) else nb, str(nb_out), parameters=parameters or {}, kernel_name='python3', language='python',
                             cwd=os.getcwd(), progress_bar=progress, log_output=False, kernel_manager_class=_kernel_manager_class(kernel_log))
     except pm.PapermillExecutionError as e:
         raise PipelineError(f'{label} failed in cell {e.exec_count} ({e.ename}: {str(e.evalue)[:300]}); '

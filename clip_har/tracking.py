@@ -34,7 +34,7 @@ def flat_params(d:Mapping, prefix:str='') -> dict:
         else: out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
     return {k: (str(v)[:490] if v is not None else 'null') for k, v in out.items()}
 
-# %% ../nbs/05_tracking.ipynb #93b8bdb3
+# %% ../nbs/05_tracking.ipynb #b7d3e9f1
 def use_experiment(uri:str, # the tracking URI
                    name:str) -> str:
     "Make `name` the active MLflow experiment, its id; one new on a sqlite store keeps its artifacts beside the database."
@@ -45,7 +45,7 @@ def use_experiment(uri:str, # the tracking URI
         except mlflow.exceptions.MlflowException: pass  # another process made it first
     return mlflow.set_experiment(name).experiment_id
 
-#| export
+# %% ../nbs/05_tracking.ipynb #93b8bdb3
 class MLflowBackend:
     "Logs to MLflow: a sqlite store or a tracking server."
     name = 'MLflow'
