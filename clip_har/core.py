@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #5a8a07da
 from __future__ import annotations
-import difflib, hashlib, logging, os, random
+import difflib, hashlib, json, logging, os, random, sys, threading, time
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -12,11 +12,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'HAR_MINI_MISSING', 'get_logger', 'ClipHarError', 'ConfigError',
-           'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig',
-           'ParityLimit', 'ExportConfig', 'ServeConfig', 'RetrainConfig', 'Config', 'close_matches', 'parse_overrides',
-           'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device', 'hub_offline', 'hub_reachable',
-           'register_test_models', 'file_sha256', 'running_benchmarks', 'repo_root', 'fixtures_dir', 'har_mini_dir']
+__all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV', 'HAR_MINI_MISSING', 'get_logger', 'ClipHarError',
+           'ConfigError', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig',
+           'TrackConfig', 'ParityLimit', 'ExportConfig', 'ServeConfig', 'RetrainConfig', 'Config', 'close_matches',
+           'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device',
+           'hub_offline', 'hub_reachable', 'register_test_models', 'file_sha256', 'running_benchmarks',
+           'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -361,6 +362,79 @@ def file_sha256(path:str|Path) -> str:
 def running_benchmarks() -> bool:
     "Whether benchmark cells should run (`CLIP_HAR_BENCH=1`)."
     return os.environ.get('CLIP_HAR_BENCH', '').strip() == '1'
+
+# %% ../nbs/00_core.ipynb #9ff1f45e
+PROGRESS_ENV = 'CLIP_HAR_PROGRESS'
+
+def report_progress(task:str, # what runs, e.g. "train head: epoch 1/3"
+                    done:float, # units done so far
+                    total:float|None=None, # units in all (None: unknown)
+                    unit:str='images', # what `done` counts
+                    started:float|None=None, # `time.time()` when the task began: gives the rate and the ETA
+                    images:int|None=None, # images processed so far, when `unit` counts something else (batches)
+                   ) -> None:
+    "Append a progress record to the file `CLIP_HAR_PROGRESS` names, if it is set."
+    path = os.environ.get(PROGRESS_ENV)
+    if not path: return
+    rec = dict(t=time.time(), task=task, done=done, total=total, unit=unit, started=started, images=images)
+    with open(path, 'a') as f: f.write(json.dumps(rec) + '\n')
+
+# %% ../nbs/00_core.ipynb #eda38746
+def _duration(s:float) -> str:
+    s = int(max(s, 0)); h, m = divmod(s // 60, 60)
+    return f'{h}h{m:02d}m' if h else f'{m}m{s % 60:02d}s'
+
+def progress_line(rec:dict, # from `report_progress`
+                  now:float|None=None, # the time to measure against (default: now)
+                 ) -> str:
+    "One line for a progress record: task, count, rate, ETA and time elapsed."
+    now = time.time() if now is None else now
+    el = now - rec['started'] if rec.get('started') is not None else None
+    parts = [rec['task'], f"{rec['done']:g}/{rec['total']:g} {rec['unit']}" if rec.get('total') else f"{rec['done']:g} {rec['unit']}"]
+    if el and el > 0 and rec['done']:
+        if rec.get('images'): parts.append(f"{rec['images'] / el:.1f} images/s")
+        elif rec['unit'] == 'images': parts.append(f"{rec['done'] / el:.1f} images/s")
+        if rec.get('total'): parts.append(f"ETA {_duration((rec['total'] - rec['done']) * el / rec['done'])}")
+    if el is not None: parts.append(f'{_duration(el)} elapsed')
+    return ' · '.join(parts)
+
+# %% ../nbs/00_core.ipynb #5fe834da
+class ProgressWatcher:
+    "Print a progress file's newest record every `every` seconds (and when the task changes) as plain lines."
+    def __init__(self, path:str|Path, # the file `CLIP_HAR_PROGRESS` names for the watched process
+                 label:str, # prefixes each line, e.g. "[train]"
+                 every:float=30.0, # seconds between lines while the task stays the same
+                 out=None, # a text stream (default: sys.stderr at print time)
+                 clock=time.time):
+        self.path, self.label, self.every, self.out, self.clock = Path(path), label, every, out, clock
+        self.pos, self.last, self.task, self.printed = 0, None, None, clock()
+        self.started, self._stop = self.printed, threading.Event()
+    def _read(self):
+        if not self.path.is_file(): return
+        with open(self.path) as f:
+            f.seek(self.pos)
+            for line in f:
+                if not line.endswith('\n'): break  # a record still being written
+                self.pos += len(line.encode())
+                try: self.last = json.loads(line)
+                except json.JSONDecodeError: pass
+    def poll(self) -> str|None:
+        "The line to print now, or None."
+        self._read()
+        now = self.clock()
+        changed = self.last is not None and self.last['task'] != self.task
+        if not changed and now - self.printed < self.every: return None
+        self.printed = now
+        if self.last is None: return f'{self.label} running · {_duration(now - self.started)} elapsed'
+        self.task = self.last['task']
+        return f'{self.label} {progress_line(self.last, now)}'
+    def _loop(self):
+        while not self._stop.wait(1.0):
+            line = self.poll()
+            if line: print(line, file=self.out or sys.stderr, flush=True)
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True); self._thread.start(); return self
+    def __exit__(self, *exc): self._stop.set(); self._thread.join()
 
 # %% ../nbs/00_core.ipynb #87ce95b1
 def repo_root() -> Path|None:

@@ -12,6 +12,7 @@ import numpy as np, pandas as pd
 from PIL import Image, ImageFile
 from fastprogress.fastprogress import progress_bar
 from fastcore.parallel import parallel
+from fasttransform import Transform
 
 from .core import *
 
@@ -20,9 +21,10 @@ __all__ = ['IMAGE_EXTS', 'SPLIT_NAMES', 'PATH_COLUMNS', 'LABEL_COLUMNS', 'MANIFE
            'read_image_folder', 'read_csv', 'materialize_images', 'items_from_table', 'read_parquet',
            'read_saved_dataset', 'read_hub', 'read_items', 'content_labels', 'inspect_image', 'inspect_items',
            'validation_report', 'plot_class_balance', 'report_markdown', 'write_report', 'validate', 'split_items',
-           'write_manifest', 'read_manifest', 'prepare', 'clip_preprocess_cfg', 'clip_resize', 'clip_normalize',
-           'train_augmentations', 'har_dataloaders', 'eval_transforms', 'eval_dataloader', 'ImageDecodeError',
-           'ImageTooLargeError', 'decode_image', 'image_batch', 'dataloaders_from_config', 'benchmark_loaders']
+           'write_manifest', 'read_manifest', 'prepare', 'clip_preprocess_cfg', 'clip_transform', 'ClipEvalTransform',
+           'clip_resize', 'clip_normalize', 'train_augmentations', 'har_dataloaders', 'eval_transforms',
+           'eval_dataloader', 'ImageDecodeError', 'ImageTooLargeError', 'decode_image', 'image_batch',
+           'dataloaders_from_config', 'benchmark_loaders']
 
 # %% ../nbs/01_data.ipynb #8e50d8bf
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -392,12 +394,13 @@ def prepare(cfg:Config, # the config: `data` and `paths` sections are used
     return path
 
 # %% ../nbs/01_data.ipynb #0786d0c7
-CLIP_PREPROCESS = dict(size=224, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), interpolation='bicubic')
+CLIP_PREPROCESS = dict(size=224, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), interpolation='bicubic',
+                       resize_mode='shortest')
 
 def clip_preprocess_cfg(model_name:str='ViT-B-16', # an open_clip model name
                         pretrained:str|None='openai', # a pretrained tag of that model, if any
                        ) -> dict:
-    "Input size, mean, std and interpolation that open_clip uses for `model_name`/`pretrained`."
+    "Input size, mean, std, interpolation and resize mode that open_clip uses for `model_name`/`pretrained`."
     import open_clip
     register_test_models()
     mcfg = open_clip.get_model_config(model_name)
@@ -408,11 +411,26 @@ def clip_preprocess_cfg(model_name:str='ViT-B-16', # an open_clip model name
     size = size[0] if isinstance(size, (tuple, list)) else size
     pcfg = (open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else None) or {}
     return dict(size=int(size), mean=tuple(pcfg.get('mean', CLIP_PREPROCESS['mean'])), std=tuple(pcfg.get('std', CLIP_PREPROCESS['std'])),
-                interpolation=pcfg.get('interpolation', 'bicubic'))
+                interpolation=pcfg.get('interpolation', 'bicubic'), resize_mode=pcfg.get('resize_mode', 'shortest'))
 
 # %% ../nbs/01_data.ipynb #12b06453
+def clip_transform(preprocess:dict|None=None, # size, mean, std, interpolation, resize_mode; OpenAI CLIP's at 224 px by default
+                  ):
+    "open_clip's own evaluation transform: a PIL image to the normalised tensor the weights were evaluated on."
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    pp = {**CLIP_PREPROCESS, **(preprocess or {})}
+    return image_transform_v2(PreprocessCfg(size=int(pp['size']), mean=tuple(pp['mean']), std=tuple(pp['std']),
+                                            interpolation=pp['interpolation'], resize_mode=pp['resize_mode']), is_train=False)
+
+class ClipEvalTransform(Transform):
+    "fastai item transform around `clip_transform`: PIL image in, normalised (3, H, W) tensor out (no batch transform after it)."
+    order = 1  # before fastai's ToTensor, which then leaves the tensor alone
+    def __init__(self, preprocess:dict|None=None, split_idx:int|None=None):
+        super().__init__(split_idx=split_idx); self.preprocess = preprocess; self.tf = clip_transform(preprocess)
+    def encodes(self, x:Image.Image): return self.tf(x)
+
 def clip_resize(size:int, interpolation:str='bicubic'):
-    "fastai item transform: resize the shorter side to `size` and crop the centre (random crop when training), as CLIP does."
+    "fastai item transform for training images: a random square crop, resized to `size`."
     from fastai.vision.all import Resize, ResizeMethod
     resample = getattr(Image.Resampling, interpolation.upper(), Image.Resampling.BICUBIC)
     return Resize(size, method=ResizeMethod.Crop, resamples=(resample, Image.Resampling.NEAREST))
@@ -442,7 +460,7 @@ def har_dataloaders(manifest:str|Path|pd.DataFrame, # a manifest (path or table)
                     device=None, # where batches (and batch transforms) go
                     seed:int|None=42, # shuffling seed
                    ):
-    "fastai `DataLoaders` (train, valid) over a manifest, with CLIP preprocessing."
+    "fastai `DataLoaders` (train, valid) over a manifest: augmented training crops, validation as `clip_transform` makes it."
     from fastai.vision.all import DataBlock, ImageBlock, CategoryBlock, ColReader, ColSplitter
     from fastai.callback.data import WeightedDL  # noqa: F401 (adds Datasets.weighted_dataloaders)
     df = read_manifest(manifest, labels) if not isinstance(manifest, pd.DataFrame) else manifest
@@ -452,8 +470,9 @@ def har_dataloaders(manifest:str|Path|pd.DataFrame, # a manifest (path or table)
     if bs > n_train: raise DataSourceError(f'batch size {bs} is larger than the {n_train} training images')
     df['is_valid'] = df.split == 'valid'
     pp = {**CLIP_PREPROCESS, **(preprocess or {})}
+    train_crop = clip_resize(pp['size'], pp['interpolation']); train_crop.split_idx = 0  # validation: the evaluation transform
     dblock = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=list(labels))), get_x=ColReader('path'), get_y=ColReader('label'),
-                       splitter=ColSplitter('is_valid'), item_tfms=clip_resize(pp['size'], pp['interpolation']),
+                       splitter=ColSplitter('is_valid'), item_tfms=[train_crop, ClipEvalTransform(pp, split_idx=1)],
                        batch_tfms=[*train_augmentations(pp['size'], augment), clip_normalize(pp['mean'], pp['std'])])
     dsets = dblock.datasets(df)
     kw = dict(bs=bs, num_workers=num_workers, after_item=dblock.item_tfms, after_batch=dblock.batch_tfms, device=device)
@@ -465,12 +484,10 @@ def har_dataloaders(manifest:str|Path|pd.DataFrame, # a manifest (path or table)
     return dsets.dataloaders(**kw)
 
 # %% ../nbs/01_data.ipynb #28d579b7
-def eval_transforms(preprocess:dict|None=None, # size, mean, std, interpolation; OpenAI CLIP's at 224 px by default
+def eval_transforms(preprocess:dict|None=None, # size, mean, std, interpolation, resize_mode; OpenAI CLIP's at 224 px by default
                    ) -> tuple[list, list]:
-    "fastai item and batch transforms for evaluation and prediction: resize, centre crop, to float, normalise."
-    from fastai.vision.all import ToTensor, IntToFloatTensor
-    pp = {**CLIP_PREPROCESS, **(preprocess or {})}
-    return [clip_resize(pp['size'], pp['interpolation']), ToTensor()], [IntToFloatTensor(), clip_normalize(pp['mean'], pp['std'])]
+    "fastai item and batch transforms for evaluation and prediction: `clip_transform` per item, nothing per batch."
+    return [ClipEvalTransform({**CLIP_PREPROCESS, **(preprocess or {})})], []
 
 # %% ../nbs/01_data.ipynb #03330d45
 def eval_dataloader(rows:pd.DataFrame, # items or manifest rows: `path` and `label`
@@ -524,15 +541,13 @@ def image_batch(images:Sequence, # paths, encoded bytes or PIL images
                 preprocess:dict|None=None, # as for `eval_transforms`
                 device=None, # where the batch goes
                ) -> torch.Tensor:
-    "A normalised (N, 3, H, W) batch, exactly as `eval_dataloader` makes it."
+    "A normalised (N, 3, H, W) batch: `clip_transform` of each image, exactly as `eval_dataloader` makes it."
     import torch
-    from fastai.vision.all import Pipeline
-    item_tfms, batch_tfms = eval_transforms(preprocess)
-    items, batch = Pipeline(item_tfms, split_idx=1), Pipeline(batch_tfms, split_idx=1)
-    xs = [items(decode_image(im, f'image {i}')) for i, im in enumerate(images)]
+    tf = clip_transform(preprocess)
+    xs = [tf(decode_image(im, f'image {i}')) for i, im in enumerate(images)]
     if not xs: raise ImageDecodeError('no images given')
     x = torch.stack(xs)
-    return batch(x.to(device) if device is not None else x).as_subclass(torch.Tensor)
+    return x.to(device) if device is not None else x
 
 # %% ../nbs/01_data.ipynb #a8b3cd47
 def dataloaders_from_config(cfg:Config, # the config

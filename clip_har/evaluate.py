@@ -264,7 +264,8 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
         labels, preprocess, forward = clf.labels, clf.preprocess, clf
     table = read_manifest(manifest)
     rows = evaluation_rows(table, split, meta['labels'], manifest)
-    def logits_of(r): return predict_logits(forward, eval_dataloader(r, labels, preprocess, cfg.data.batch_size, cfg.data.num_workers, device), progress)
+    def logits_of(r): return predict_logits(forward, eval_dataloader(r, labels, preprocess, cfg.data.batch_size, cfg.data.num_workers, device), progress,
+                                            f"evaluate {r.split.iloc[0] if 'split' in r and len(r) else ''}".strip())
     logits, y = logits_of(rows)
     metrics = evaluation_metrics(logits, y, labels, cfg.evaluate.calibration_bins)
     valid = table[table.split == 'valid']

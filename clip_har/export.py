@@ -263,7 +263,7 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
     thresholds = {k: v.model_dump() for k, v in ExportConfig().thresholds.items()} | {k: dict(v) for k, v in (thresholds or {}).items()}
     meta = read_classifier_meta(model_path)
     clf = load_classifier(model_path).eval()
-    clip = load_clip(meta['model'], meta.get('pretrained'))  # the text tower the classifier started from
+    clip = backbone_from_meta(meta)  # the text tower the classifier started from
     text = TextGraph(clip.model).eval()
     image = ImageGraph(clf).eval()
     x_val = image_batch(validation_images, clf.preprocess).numpy()

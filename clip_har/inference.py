@@ -32,7 +32,7 @@ class _TorchRunner:
     def __call__(self, x:np.ndarray):
         with torch.no_grad(): return [o.cpu().numpy() for o in self.graph(torch.from_numpy(x).to(self.device))]
     def text(self, tokens:np.ndarray):
-        if self._text is None: self._text = TextGraph(load_clip(self.meta['model'], self.meta.get('pretrained'), self.device).model).eval()
+        if self._text is None: self._text = TextGraph(backbone_from_meta(self.meta, device=self.device).model).eval()
         with torch.no_grad(): return [self._text(torch.from_numpy(tokens).to(self.device)).cpu().numpy()]
 
 class Predictor:

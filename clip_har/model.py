@@ -15,11 +15,12 @@ from .core import *
 
 # %% auto #0
 __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'ModelLoadError', 'read_checkpoint', 'load_state_dict_checked',
-           'Clip', 'load_clip', 'save_clip_folder', 'same_weights', 'hf_cache_layout', 'imagenet_templates',
-           'phrases_for', 'class_prompts', 'check_labels', 'text_fingerprint', 'encode_prompts', 'class_embeddings',
-           'ZeroShotHead', 'ZeroShotClassifier', 'LinearHead', 'MLPHead', 'MeanPool', 'AttentionPool', 'ProbEnsemble',
-           'ClipClassifier', 'clip_classifier', 'clip_splitter', 'predict_logits', 'classification_metrics',
-           'plot_confusion', 'write_metrics', 'evaluate_zeroshot', 'benchmark_classifier_build']
+           'Clip', 'uses_quick_gelu', 'tag_quick_gelu', 'load_clip', 'save_clip_folder', 'same_weights',
+           'hf_cache_layout', 'imagenet_templates', 'phrases_for', 'class_prompts', 'check_labels', 'text_fingerprint',
+           'encode_prompts', 'class_embeddings', 'ZeroShotHead', 'ZeroShotClassifier', 'LinearHead', 'MLPHead',
+           'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier', 'clip_classifier', 'clip_splitter',
+           'backbone_meta', 'backbone_from_meta', 'predict_logits', 'classification_metrics', 'plot_confusion',
+           'write_metrics', 'evaluate_zeroshot', 'benchmark_classifier_build']
 
 # %% ../nbs/02_model.ipynb #0ef7e6b6
 class ModelLoadError(ClipHarError, ValueError):
@@ -94,12 +95,19 @@ class Clip:
     preprocess: dict  # size, mean, std, interpolation, resize_mode
     name: str  # the model name or hf-hub:/local-dir: id
     pretrained: str|None  # the tag or checkpoint it was loaded with
-    model_cfg: dict = field(default_factory=dict)  # open_clip's model config
+    model_cfg: dict = field(default_factory=dict)  # open_clip's model config, as built (`quick_gelu` included)
 
+    @property
+    def quick_gelu(self) -> bool: return bool(self.model_cfg.get('quick_gelu', False))
     @property
     def embed_dim(self) -> int: return int(self.model.text_projection.shape[-1]) if getattr(self.model, 'text_projection', None) is not None else self.model_cfg['embed_dim']
     @property
     def logit_scale(self) -> float: return float(self.model.logit_scale.detach().exp())
+
+def uses_quick_gelu(model:nn.Module) -> bool:
+    "Whether `model`'s transformer blocks use QuickGELU (as OpenAI's CLIP weights were trained) rather than GELU."
+    from open_clip.transformer import QuickGELU
+    return any(isinstance(m, QuickGELU) for m in model.modules())
 
 def _preprocess_of(model) -> dict:
     import open_clip
@@ -109,12 +117,30 @@ def _preprocess_of(model) -> dict:
                 interpolation=pc.get('interpolation', 'bicubic'), resize_mode=pc.get('resize_mode', 'shortest'))
 
 # %% ../nbs/02_model.ipynb #e2aac13c
+def tag_quick_gelu(name:str, # an open_clip model name
+                   pretrained:str|None, # one of its pretrained tags (anything else: None)
+                  ) -> bool|None:
+    "Whether the weights of a pretrained tag were trained with QuickGELU, from open_clip's pretrained config; None if not a tag."
+    import open_clip
+    if not pretrained or _schema(name) or _is_path_like(pretrained): return None
+    cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+    return bool(cfg['quick_gelu']) if 'quick_gelu' in cfg else (False if cfg else None)
+
+def _beside(ckpt:Path) -> dict:
+    "The `open_clip_config.json` beside a checkpoint file (as in a Hub snapshot), or {}."
+    f = ckpt.parent/'open_clip_config.json'
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+# %% ../nbs/02_model.ipynb #09ac0dca
 def load_clip(name:str='ViT-B-16', # open_clip name, `hf-hub:<org>/<repo>` or `local-dir:<folder>`
               pretrained:str|None='openai', # a tag of `name`, a checkpoint path, or None for random weights
               device:str|torch.device='cpu', # where the model goes
               cache_dir:str|Path|None=None, # open_clip's download cache (default: the Hugging Face cache)
+              quick_gelu:bool|None=None, # None: as the weights were trained (the tag's config, the folder's, or the one beside a checkpoint)
+              preprocess:dict|None=None, # the weights' preprocessing, when the checkpoint cannot tell (a classifier file's record)
+              weights_follow:bool=False, # the caller fills the weights next (no "random weights" warning)
              ) -> Clip:
-    "Load an open_clip backbone with its tokenizer and preprocessing; errors say what to fix."
+    "Load an open_clip backbone, built as its weights were trained, with its tokenizer and preprocessing; errors say what to fix."
     import open_clip
     register_test_models()
     schema = _schema(name)
@@ -125,26 +151,31 @@ def load_clip(name:str='ViT-B-16', # open_clip name, `hf-hub:<org>/<repo>` or `l
             raise ModelLoadError(f'{folder}: no open_clip_config.json here; local-dir: needs a folder written by save_clip_folder (or open_clip)')
     elif schema is None:
         _check_name(name, None if ckpt else pretrained)
+    beside = _beside(ckpt) if ckpt is not None else {}
+    if quick_gelu is None: quick_gelu = tag_quick_gelu(name, pretrained) if ckpt is None else beside.get('model_cfg', {}).get('quick_gelu')
+    preprocess = preprocess or beside.get('preprocess_cfg')
     downloads = schema == 'hf-hub' or (schema is None and pretrained and ckpt is None)
     if downloads and not hub_offline() and not hub_reachable():
         raise ModelLoadError(f'{name} ({pretrained}): the Hugging Face Hub cannot be reached from here. {OFFLINE_FIX}')
+    kw = dict(device='cpu', cache_dir=cache_dir, force_quick_gelu=bool(quick_gelu))
     try:
         if ckpt is not None:
-            model = open_clip.create_model(name, pretrained=None, device='cpu', cache_dir=cache_dir)
+            model = open_clip.create_model(name, pretrained=None, **kw)
             load_state_dict_checked(model, read_checkpoint(ckpt), origin=str(ckpt))
-        else:
-            model = open_clip.create_model(name, pretrained=None if schema else pretrained, device='cpu', cache_dir=cache_dir,
-                                           load_weights=True)
+        else: model = open_clip.create_model(name, pretrained=None if schema else pretrained, load_weights=True, **kw)
     except ModelLoadError: raise
     except Exception as e:
         hint = OFFLINE_FIX if downloads else 'check the model name and weights'
         raise ModelLoadError(f'{name} ({pretrained}): could not load ({type(e).__name__}: {e}). {hint}') from None
-    if pretrained is None and schema is None:
+    if pretrained is None and schema is None and not weights_follow:
         get_logger('model').warning(f'{name}: random weights (no pretrained weights asked for): a smoke run, not a model')
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir) if schema else open_clip.get_tokenizer(name)
-    mcfg = open_clip.get_model_config(name) if schema is None else json.loads(_config_text(name, cache_dir)).get('model_cfg', {})
-    return Clip(model, tokenizer, _preprocess_of(model), name, pretrained, mcfg or {})
+    mcfg = dict(open_clip.get_model_config(name) if schema is None else json.loads(_config_text(name, cache_dir)).get('model_cfg', {}))
+    mcfg['quick_gelu'] = uses_quick_gelu(model)  # as built: what save_clip_folder and classifier files record
+    pp = _preprocess_of(model)
+    if preprocess: pp.update({k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items() if k in pp})
+    return Clip(model, tokenizer, pp, name, pretrained, mcfg)
 
 def _config_text(name:str, cache_dir=None) -> str:
     "The open_clip_config.json of a `local-dir:` or `hf-hub:` model."
@@ -416,20 +447,36 @@ def clip_splitter(model:ClipClassifier, # from `clip_classifier`
     groups = [[p for p in vis if id(p) not in top], [p for p in vis if id(p) in top], list(model.head.parameters())]
     return [g for g in groups if g]
 
+# %% ../nbs/02_model.ipynb #d15c2ccd
+def backbone_meta(clip:Clip) -> dict:
+    "What rebuilds `clip`'s network: model name, starting weights, activation and preprocessing."
+    return dict(model=clip.name, pretrained=clip.pretrained, quick_gelu=clip.quick_gelu, preprocess=dict(clip.preprocess))
+
+def backbone_from_meta(meta:dict, # from `backbone_meta` (older files: model and pretrained only)
+                       weights:bool=True, # load the starting weights (False: the architecture, for weights that follow)
+                       device:str|torch.device='cpu') -> Clip:
+    "The backbone `meta` names, built with the activation and preprocessing it was trained with."
+    quick = meta.get('quick_gelu')
+    if quick is None: quick = tag_quick_gelu(meta['model'], meta.get('pretrained'))
+    return load_clip(meta['model'], meta.get('pretrained') if weights else None, device, quick_gelu=quick,
+                     preprocess=meta.get('preprocess'), weights_follow=not weights)
+
 # %% ../nbs/02_model.ipynb #2bd9a6d1
 @torch.no_grad()
 def predict_logits(model:Callable, # maps an image batch to logits (a module, or any function of a batch)
                    dl, # a fastai/PyTorch DataLoader of (images, targets)
                    progress:bool=True, # show a progress bar
+                   task:str='predict', # names this pass in the pipeline's terminal progress lines
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    "All logits and targets of `dl`."
+    "All logits and targets of `dl` (reporting progress as it goes)."
     from fastprogress.fastprogress import progress_bar
     if isinstance(model, nn.Module): model.eval()
     params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     device = params.device if params is not None else torch.device('cpu')
-    outs, ys = [], []
+    outs, ys, t0, total = [], [], time.time(), getattr(dl, 'n', None) or len(getattr(dl, 'dataset', ()))
     for xb, yb in (progress_bar(dl, leave=False) if progress else dl):
         outs.append(model(xb.to(device)).float().cpu()); ys.append(yb.cpu())
+        report_progress(task, sum(len(y) for y in ys), total, 'images', t0)
     return torch.cat(outs).as_subclass(torch.Tensor), torch.cat(ys).as_subclass(torch.Tensor)  # plain tensors, not fastai's subclasses
 
 def classification_metrics(logits:torch.Tensor, # (N, C)
@@ -491,7 +538,7 @@ def evaluate_zeroshot(cfg:Config, # model, data and paths settings
     templates = cfg.model.templates
     zs = ZeroShotClassifier(clip, cfg.data.labels, templates, {**HAR_PHRASES, **cfg.model.phrases}, cache_dir=cfg.paths.cache_dir)
     dl = eval_dataloader(rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
-    logits, y = predict_logits(zs, dl, progress)
+    logits, y = predict_logits(zs, dl, progress, f'zero-shot {split}')
     metrics = classification_metrics(logits, y, cfg.data.labels)
     extra = dict(model=cfg.model.name, pretrained=cfg.model.pretrained, split=split, manifest=str(manifest),
                  templates=templates if isinstance(templates, str) else f'{len(templates)} custom',

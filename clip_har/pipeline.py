@@ -5,6 +5,8 @@
 # %% ../nbs/10_pipeline.ipynb #b184d998
 from __future__ import annotations
 import json, os, shutil, subprocess, sys, time
+from contextlib import nullcontext
+from fastcore.xtras import modified_env
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,8 +17,9 @@ from .core import *
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named', 'dvc_yaml',
-           'write_dvc_yaml', 'notebooks_dir', 'stage_notebook', 'run_notebook', 'log_run_records', 'run_stage',
-           'preflight', 'dvc', 'run_pipeline', 'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain']
+           'write_dvc_yaml', 'missing_stage_params', 'notebooks_dir', 'stage_notebook', 'run_notebook',
+           'log_run_records', 'run_stage', 'preflight', 'dvc', 'run_pipeline', 'write_demo_params',
+           'registry_classifier', 'retrain_gate', 'retrain']
 
 # %% ../nbs/10_pipeline.ipynb #b4d1c8d2
 class PipelineError(ClipHarError, RuntimeError):
@@ -63,7 +66,7 @@ def dvc_yaml(prefix:str='', # the path from the folder holding dvc.yaml back to 
     "The DVC pipeline (dvc.yaml as a dict) for a folder whose params.yaml holds the config."
     stages = {}
     for s in STAGES:
-        d = {'cmd': f'clip-har pipeline --stage {s.name} --quiet',
+        d = {'cmd': f'clip-har pipeline --stage {s.name}',
              'deps': [f'{prefix}nbs/{s.notebook}'] + [f'{prefix}clip_har/{m}.py' for m in s.code] + s.deps,
              'params': s.params, 'outs': [{o: {'cache': False}} if o in s.uncached else o for o in s.outs]}
         stages[s.name] = d
@@ -82,6 +85,19 @@ def write_dvc_yaml(folder:str|Path='.', prefix:str='') -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(DVC_HEADER + yaml.safe_dump(dvc_yaml(prefix), sort_keys=False, width=140))
     return p
+
+# %% ../nbs/10_pipeline.ipynb #88b4bc66
+def missing_stage_params(params_file:str|Path, # a params.yaml
+                        ) -> list[str]:
+    "The keys some stage declares that `params_file` lacks (DVC would refuse that stage)."
+    d = yaml.safe_load(Path(params_file).read_text()) or {}
+    def has(key):
+        cur = d
+        for part in key.split('.'):
+            if not isinstance(cur, dict) or part not in cur: return False
+            cur = cur[part]
+        return True
+    return sorted({k for s in STAGES for k in s.params if not has(k)})
 
 # %% ../nbs/10_pipeline.ipynb #98858c0b
 def notebooks_dir() -> Path:
@@ -160,7 +176,9 @@ def log_run_records(cfg:Config, runs_dir:Path):
 def run_stage(name:str, # a stage in `STAGES`
               params_file:str|Path='params.yaml', # the config the stage reads
               overrides:Mapping|None=None, # dotted keys over it, e.g. {"train.lr": 1e-4}
-              progress:bool=True) -> Path:
+              progress:bool=True, # progress lines on stderr (and papermill's bar, in a terminal)
+              report_every:float=20.0, # seconds between progress lines while a task runs
+             ) -> Path:
     "Run one stage's notebook with papermill; the executed notebook's path. Failures are `PipelineError`s."
     stage = stage_named(name)
     overrides = dict(overrides or {})
@@ -170,7 +188,10 @@ def run_stage(name:str, # a stage in `STAGES`
     nb_out = runs/stage.notebook
     params = dict(params_file=str(Path(params_file).resolve()), overrides=overrides, out_dir=str(Path(_fill(stage.out_dir, cfg)).resolve()))
     get_logger('pipeline').info(f'stage {name}: papermill {nb_in.name} -> {nb_out}')
-    run_notebook(stage_notebook(nb_in), nb_out, params, label=f'stage {name}: {stage.notebook}', progress=progress)
+    progress_file = (runs/f'{nb_out.stem}.progress.jsonl').resolve()
+    runs.mkdir(parents=True, exist_ok=True); progress_file.unlink(missing_ok=True)
+    with modified_env(**{PROGRESS_ENV: str(progress_file)}), (ProgressWatcher(progress_file, f'[{name}]', report_every) if progress else nullcontext()):
+        run_notebook(stage_notebook(nb_in), nb_out, params, label=f'stage {name}: {stage.notebook}', progress=progress and sys.stderr.isatty())
     log_run_records(cfg, runs)
     return nb_out
 
@@ -198,13 +219,19 @@ def preflight(cfg:Config):
                             'local copies, or run the offline demo: `make demo`.')
 
 # %% ../nbs/10_pipeline.ipynb #9e567dc8
-def dvc(*args:str, folder:str|Path='.') -> subprocess.CompletedProcess:
+def dvc(*args:str, folder:str|Path='.',
+        stream:bool=False, # also echo its output (stderr merged in) line by line as it comes, for long runs
+       ) -> subprocess.CompletedProcess:
     "Run `dvc` (this environment's first) in `folder`, its stages finding this environment's `clip-har`; output captured."
     bin_dir = Path(sys.executable).parent
     exe = shutil.which('dvc', path=str(bin_dir)) or shutil.which('dvc')
     if exe is None: raise PipelineError('dvc is not installed: pip install "dvc>=3.60" (or run with use_dvc=False)')
     env = {**os.environ, 'PATH': f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([exe, *args], cwd=folder, text=True, capture_output=True, env=env)
+    if not stream: return subprocess.run([exe, *args], cwd=folder, text=True, capture_output=True, env=env)
+    lines = []
+    with subprocess.Popen([exe, *args], cwd=folder, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=1) as p:
+        for line in p.stdout: sys.stdout.write(line); sys.stdout.flush(); lines.append(line)
+    return subprocess.CompletedProcess(p.args, p.returncode, ''.join(lines), '')
 
 def run_pipeline(folder:str|Path='.', # holds params.yaml (and dvc.yaml to run through DVC)
                  stages:Sequence[str]|None=None, # default: all
@@ -214,8 +241,10 @@ def run_pipeline(folder:str|Path='.', # holds params.yaml (and dvc.yaml to run t
     cfg = load_config(folder/'params.yaml')
     preflight(cfg)
     if use_dvc and (folder/'dvc.yaml').is_file():
-        r = dvc('repro', *(stages or []), folder=folder)
-        sys.stdout.write(r.stdout)
+        missing = missing_stage_params(folder/'params.yaml')
+        if missing: raise PipelineError(f"{folder/'params.yaml'} lacks keys the stages declare: {', '.join(missing)} (DVC would refuse those stages)")
+        r = dvc('repro', *(stages or []), folder=folder, stream=progress)
+        if not progress: sys.stdout.write(r.stdout)
         if r.returncode:
             lines = [l for l in (r.stderr + r.stdout).splitlines() if 'error' in l.lower() or 'failed' in l.lower()]
             raise PipelineError('dvc repro failed: ' + ' | '.join(lines[-4:] or [r.stderr[-1500:]]))

@@ -359,7 +359,7 @@ def save_hub_folder(model_path:str|Path, # a classifier file from `save_classifi
     from safetensors.torch import save_file
     from clip_har.train import load_classifier, read_classifier_meta
     meta = read_classifier_meta(model_path)
-    clip = load_clip(meta['model'], meta.get('pretrained'))  # the text tower keeps its pretrained weights
+    clip = backbone_from_meta(meta)  # the text tower keeps its pretrained weights
     clf = load_classifier(model_path, clip)  # fills clip.model.visual with the fine-tuned weights
     folder = save_clip_folder(clip, folder)
     save_file({k: v.contiguous() for k, v in clf.head.state_dict().items()}, str(folder/'clip_har_head.safetensors'))

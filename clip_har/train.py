@@ -14,6 +14,7 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import *  # noqa: F401,F403 (fit_one_cycle, fit_flat_cos)
 from fastai.callback.training import GradientClip, GradientAccumulation
+from fastai.torch_core import find_bs
 from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy, top_k_accuracy
@@ -28,9 +29,9 @@ from .tracking import Tracker, TrackerCallback, lineage
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'flyp_splitter', 'amp_mode', 'build_model',
            'build_learner', 'atomic_save', 'unwrap', 'full_state_dict', 'plain_containers', 'load_opt_state',
-           'RunState', 'TrainState', 'CheckpointError', 'read_train_checkpoint', 'stage_lrs', 'fit_stages',
-           'wise_ft_state', 'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog',
-           'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'save_classifier',
+           'RunState', 'TrainState', 'ProgressReport', 'CheckpointError', 'read_train_checkpoint', 'stage_lrs',
+           'fit_stages', 'wise_ft_state', 'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer',
+           'ShardLog', 'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'save_classifier',
            'read_classifier_meta', 'load_classifier', 'select_wise_ft', 'train', 'benchmark_training']
 
 # %% ../nbs/03_train.ipynb #3dff374f
@@ -185,6 +186,23 @@ class TrainState(Callback):
         atomic_save(ckpt, self.ckpt_dir/'last.pt')
         if better: atomic_save({k: v for k, v in ckpt.items() if k != 'opt'}, self.ckpt_dir/'best.pt')
 
+# %% ../nbs/03_train.ipynb #f3a51d45
+class ProgressReport(Callback):
+    "Report each batch (stage, epoch, batch, images/s, ETA) as a progress record for the pipeline's terminal lines."
+    order = 56
+    def __init__(self, state:RunState, stage_names:Sequence[str]): self.state, self.names = state, list(stage_names)
+    def before_fit(self): self.t0, self.images = time.time(), 0
+    def before_validate(self): self.v0, self.seen = time.time(), 0
+    def after_batch(self):
+        name = self.names[self.state.stage] if self.state.stage < len(self.names) else 'train'
+        if self.training:
+            self.images += find_bs(self.yb); n = len(self.dls.train)
+            report_progress(f'train {name}: epoch {self.epoch + 1}/{self.n_epoch}', self.epoch * n + self.iter + 1, self.n_epoch * n, 'batches',
+                            self.t0, self.images)
+        else:
+            self.seen += find_bs(self.yb)
+            report_progress(f'train {name}: validating epoch {self.epoch + 1}', self.seen, len(self.dls.valid.dataset), 'images', self.v0)
+
 # %% ../nbs/03_train.ipynb #dc558981
 class CheckpointError(ClipHarError, ValueError):
     "A checkpoint that cannot be resumed from; the message says why."
@@ -260,9 +278,9 @@ def wise_ft_curve(model:nn.Module, # the classifier architecture (its weights ar
     "Validation accuracy of each blend, and the best `alpha`."
     zs, ft = ({k: v.detach().clone() for k, v in d.items()} for d in (zs, ft))  # `ft` may be `model`'s own tensors, which each blend overwrites
     accs = []
-    for a in alphas:
+    for i, a in enumerate(alphas):
         model.load_state_dict(wise_ft_state(zs, ft, a))
-        logits, y = predict_logits(model, dl, progress)
+        logits, y = predict_logits(model, dl, progress, f'WiSE-FT alpha {a:g} ({i + 1}/{len(alphas)})')
         accs.append(float((logits.argmax(-1) == y).float().mean()))
     best = int(np.argmax(accs))
     return dict(alphas=list(alphas), accuracy=accs, best_alpha=alphas[best], best_accuracy=accs[best])
@@ -349,7 +367,7 @@ def _classifier_file(path:str|Path) -> dict:
     return d
 
 def read_classifier_meta(path:str|Path) -> dict:
-    "The meta (model, pretrained, labels, head, loss, wise_alpha) of a `save_classifier` file."
+    "The meta (model, pretrained, quick_gelu, preprocess, labels, head, loss, wise_alpha) of a `save_classifier` file."
     return _classifier_file(path)['meta']
 
 def load_classifier(path:str|Path, # a file written by `save_classifier`
@@ -358,7 +376,7 @@ def load_classifier(path:str|Path, # a file written by `save_classifier`
     "A `ClipClassifier` from `save_classifier`'s file (the backbone is rebuilt from its config, its weights from the file)."
     d = _classifier_file(path)
     m = d['meta']
-    clip = clip or load_clip(m['model'], None)
+    clip = clip or backbone_from_meta(m, weights=False)
     model = clip_classifier(clip, m['labels'], 'mlp' if m['head'] == 'mlp' else 'linear', zeroshot_init=False)
     return load_state_dict_checked(model, d['model'], str(path)).eval()
 
@@ -395,7 +413,7 @@ def train(cfg:Config, # all parameters
     out = Path(out_dir or Path(cfg.paths.out_dir)/'train')
     seed_everything(cfg.seed)
     clip = load_clip(cfg.model.name, cfg.model.pretrained, device)
-    meta = dict(model=cfg.model.name, pretrained=cfg.model.pretrained, labels=list(cfg.data.labels), head=cfg.train.head, loss=cfg.train.loss)
+    meta = dict(backbone_meta(clip), labels=list(cfg.data.labels), head=cfg.train.head, loss=cfg.train.loss)
     ckpt = read_train_checkpoint(resume, meta) if resume else None
     dls = dataloaders_from_config(cfg, manifest, device)
     model = build_model(cfg, clip)
@@ -414,7 +432,7 @@ def train(cfg:Config, # all parameters
     if mode == 'fsdp': learn.add_cb(ShardedDataTrainer())
     if (not progress or rank) and hasattr(learn, 'progress'): learn.remove_cb(learn.progress)
     if rank == 0: out.mkdir(parents=True, exist_ok=True); save_config(cfg, out/'params.yaml')
-    cbs = [TrainState(state, out/'checkpoints', meta, cfg.train.monitor, sharded=mode == 'fsdp')]
+    cbs = [TrainState(state, out/'checkpoints', meta, cfg.train.monitor, sharded=mode == 'fsdp'), ProgressReport(state, [s.name for s in cfg.train.run_stages])]
     manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
     tracker = Tracker.from_config(cfg) if rank == 0 else Tracker()
     tracker.start(f'train-{cfg.model.name}', config_dict(cfg), lineage(cfg, manifest))
@@ -442,7 +460,7 @@ def train(cfg:Config, # all parameters
     best = out/'checkpoints'/'best.pt'
     if best.exists() and cfg.train.patience:  # early stopping watched the monitor: keep the best epoch
         final_weights = torch.load(best, map_location='cpu', weights_only=True)['model']
-    plain = build_model(cfg, load_clip(cfg.model.name, None)) if mode == 'fsdp' else unwrap(learn.model)
+    plain = build_model(cfg, backbone_from_meta(meta, weights=False)) if mode == 'fsdp' else unwrap(learn.model)
     plain.load_state_dict(final_weights)
     if isinstance(plain, FlypClassifier):
         plain = plain.to_classifier(); zs_state = None
@@ -452,7 +470,7 @@ def train(cfg:Config, # all parameters
     valid_rows = read_manifest(manifest, cfg.data.labels).query("split == 'valid'")
     vdl = eval_dataloader(valid_rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
     plain.to(device)
-    logits, y = predict_logits(plain, vdl, progress=False)
+    logits, y = predict_logits(plain, vdl, progress=False, task='train: final valid pass')
     summary['valid_accuracy'] = float((logits.argmax(-1) == y).float().mean())
     summary['chance'] = 1 / len(cfg.data.labels)
     artifacts = [out/'model.pt', out/'history.csv', out/'params.yaml']
