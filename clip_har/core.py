@@ -389,12 +389,14 @@ def progress_line(rec:dict, # from `report_progress`
                  ) -> str:
     "One line for a progress record: task, count, rate, ETA and time elapsed."
     now = time.time() if now is None else now
+    t = rec.get('t', now)  # when the record was written: the rate is measured up to then
     el = now - rec['started'] if rec.get('started') is not None else None
+    spent = t - rec['started'] if el is not None else None
     parts = [rec['task'], f"{rec['done']:g}/{rec['total']:g} {rec['unit']}" if rec.get('total') else f"{rec['done']:g} {rec['unit']}"]
-    if el and el > 0 and rec['done']:
-        if rec.get('images'): parts.append(f"{rec['images'] / el:.1f} images/s")
-        elif rec['unit'] == 'images': parts.append(f"{rec['done'] / el:.1f} images/s")
-        if rec.get('total'): parts.append(f"ETA {_duration((rec['total'] - rec['done']) * el / rec['done'])}")
+    if spent and spent > 0 and rec['done']:
+        if rec.get('images'): parts.append(f"{rec['images'] / spent:.1f} images/s")
+        elif rec['unit'] == 'images': parts.append(f"{rec['done'] / spent:.1f} images/s")
+        if rec.get('total'): parts.append(f"ETA {_duration((rec['total'] - rec['done']) * spent / rec['done'] - (now - t))}")
     if el is not None: parts.append(f'{_duration(el)} elapsed')
     return ' · '.join(parts)
 

@@ -28,6 +28,8 @@ class LocalSource:
     def labels(self) -> list[str]: return list(self.predictor.labels)
     @property
     def trained_labels(self) -> list[str]: return list(self.predictor.trained_labels)
+    @property
+    def smoke_run(self) -> bool: return bool(self.predictor.manifest.get('smoke_run'))
     def predict(self, images:Sequence[bytes], k:int=5) -> list[list[dict]]:
         "Top-`k` predictions for each encoded image (an `ImageDecodeError` names the first bad one)."
         return self.predictor.predict(list(images), k)
@@ -56,20 +58,21 @@ def find_models(out_dir:str|Path='outputs', # the pipeline's output folder
                 mlflow_uri:str|None=None, # a tracking URI with a registry (None: skip the registry)
                 registered:str='clip-har', # the registered model name
                ) -> dict[str, str]:
-    "Display name -> model location: local exports, trained models, then `models:/` registry URIs."
-    out, found = Path(out_dir), {}
+    "Display name -> model location, the best first: the champion, the fp32 export, the trained model, then the rest."
+    out, ranked = Path(out_dir), []  # (rank, order found, name, location)
     for man in sorted(out.glob('export/*/manifest.json')):
         m = json.loads(man.read_text())
-        found[f"export {man.parent.name} ({m['model']})"] = str(man.parent)
+        ranked.append((1 if man.parent.name == 'onnx-fp32' else 3, f"export {man.parent.name} ({m['model']})", str(man.parent)))
     for name in ('wise_ft.pt', 'model.pt'):
-        if (out/'train'/name).is_file(): found[f'trained {name}'] = str(out/'train'/name)
+        if (out/'train'/name).is_file(): ranked.append((2, f'trained {name}', str(out/'train'/name)))
     if mlflow_uri:
         try:
             from clip_har.tracking import model_versions
             for _, v in model_versions(mlflow_uri, registered).iterrows():
-                found[f"registry {registered} v{v.version}" + (f" ({v.aliases})" if v.aliases else '')] = f'models:/{registered}/{v.version}'
+                ranked.append((0 if 'champion' in str(v.aliases) else 4, f"registry {registered} v{v.version}" + (f" ({v.aliases})" if v.aliases else ''),
+                               f'models:/{registered}/{v.version}'))
         except Exception as e: get_logger().info(f'no registry models listed ({type(e).__name__}: {e})')
-    return found
+    return {name: loc for _, name, loc in sorted(ranked, key=lambda r: r[0])}
 
 def open_source(location:str, # a model path, a `models:/name/version` URI, or an http(s) API URL
                 mlflow_uri:str|None=None, api_key:str|None=None, cache_dir:str|Path|None=None):
@@ -221,9 +224,12 @@ def load(self:Dashboard, location:str):
     "Switch to the model or API at `location`."
     try:
         self.source = open_source(location, self.mlflow_uri, self.api_key)
-        self.model_info.value = f'<span class="clip-har-model">{html.escape(self.source.name)}</span>'
+        smoke = getattr(self.source, 'smoke_run', False)
+        self.model_info.value = (f'<span class="clip-har-model">{html.escape(self.source.name)}</span>'
+                                 + (' <b class="clip-har-smoke" style="color:#b80">SMOKE RUN</b>' if smoke else ''))
         self.labels_text.value = '\n'.join(self.source.labels)
-        self.say('')
+        self.say('This model is a smoke run (random or tiny test weights): its predictions mean nothing. Train with real '
+                 'weights (`make run`) for a model worth looking at.' if smoke else '', 'warn')
         if self.uploads: self.render_uploads()
     except Exception as e: self.say(f'could not load {location}: {type(e).__name__}: {e}', 'error')
 

@@ -19,12 +19,12 @@ from .core import *
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'SPLIT_NAMES', 'PATH_COLUMNS', 'LABEL_COLUMNS', 'MANIFEST_COLUMNS', 'CLIP_PREPROCESS', 'DataSourceError',
            'read_image_folder', 'read_csv', 'materialize_images', 'items_from_table', 'read_parquet',
-           'read_saved_dataset', 'read_hub', 'read_items', 'content_labels', 'inspect_image', 'inspect_items',
-           'validation_report', 'plot_class_balance', 'report_markdown', 'write_report', 'validate', 'split_items',
-           'write_manifest', 'read_manifest', 'prepare', 'clip_preprocess_cfg', 'clip_transform', 'ClipEvalTransform',
-           'clip_resize', 'clip_normalize', 'train_augmentations', 'har_dataloaders', 'eval_transforms',
-           'eval_dataloader', 'ImageDecodeError', 'ImageTooLargeError', 'decode_image', 'image_batch',
-           'dataloaders_from_config', 'benchmark_loaders']
+           'read_saved_dataset', 'read_hub', 'is_hub_clone', 'read_hub_clone', 'read_items', 'content_labels',
+           'inspect_image', 'inspect_items', 'validation_report', 'plot_class_balance', 'report_markdown',
+           'write_report', 'validate', 'split_items', 'write_manifest', 'read_manifest', 'prepare',
+           'clip_preprocess_cfg', 'clip_transform', 'ClipEvalTransform', 'clip_resize', 'clip_normalize',
+           'train_augmentations', 'har_dataloaders', 'eval_transforms', 'eval_dataloader', 'ImageDecodeError',
+           'ImageTooLargeError', 'decode_image', 'image_batch', 'dataloaders_from_config', 'benchmark_loaders']
 
 # %% ../nbs/01_data.ipynb #8e50d8bf
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -192,8 +192,22 @@ def read_hub(repo_id:str, # e.g. `Bingsu/Human_Action_Recognition`
     except Exception as e: raise DataSourceError(f'hf:{repo_id}: could not load the dataset ({type(e).__name__}: {e}). {fix}') from None
     return _items_from_dataset(ds, cache_dir, f'hf:{repo_id}', split=split)
 
+def is_hub_clone(folder:Path) -> bool:
+    "Whether `folder` is a local clone of a Hub dataset repository: a `README.md` and parquet files under `data/`."
+    return (folder/'README.md').is_file() and any((folder/'data').glob('*.parquet'))
+
+def read_hub_clone(folder:str|Path, # a `git clone` (or snapshot download) of a Hub dataset repository
+                   cache_dir:str|Path='.cache', # where image bytes are written
+                   split:str='train', # the labelled split to read (its files are `data/<split>-*.parquet`)
+                  ) -> pd.DataFrame:
+    "The items table of a local clone of a Hub dataset repository: its labelled split, as `read_hub` reads it online."
+    folder = Path(folder)
+    files = sorted((folder/'data').glob(f'{split}-*.parquet'))
+    if not files: raise DataSourceError(f"{folder}: a Hub dataset clone without data/{split}-*.parquet (found: {', '.join(p.name for p in sorted((folder/'data').glob('*.parquet')))})")
+    return pd.concat([read_parquet(f, cache_dir).assign(split=split) for f in files], ignore_index=True)
+
 # %% ../nbs/01_data.ipynb #4fe4a49c
-def read_items(source:str|Path, # `hf:<repo>`, an image folder, a CSV, a parquet file or a `save_to_disk` folder
+def read_items(source:str|Path, # `hf:<repo>`, a Hub dataset clone, an image folder, a CSV, a parquet file or a `save_to_disk` folder
                cache_dir:str|Path='.cache', # where image bytes from tables are written
               ) -> pd.DataFrame:
     "The items table (`path`, `label`, `split`) of any supported source."
@@ -203,6 +217,7 @@ def read_items(source:str|Path, # `hf:<repo>`, an image folder, a CSV, a parquet
     if not p.exists(): raise DataSourceError(f'{p}: no such file or folder (data.source must be hf:<repo>, a folder, a .csv or a .parquet)')
     if p.is_dir():
         if any((p/f).exists() for f in ('dataset_info.json', 'state.json', 'dataset_dict.json')): return read_saved_dataset(p, cache_dir)
+        if is_hub_clone(p): return read_hub_clone(p, cache_dir)
         return read_image_folder(p)
     if p.suffix.lower() == '.csv': return read_csv(p)
     if p.suffix.lower() in ('.parquet', '.pq'): return read_parquet(p, cache_dir)

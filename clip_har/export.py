@@ -8,18 +8,18 @@ import json, os, shutil, tempfile, time, warnings
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
+import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 
 from .core import *
 from .data import image_batch
-from .model import load_clip
+from .model import backbone_from_meta, load_clip
 
 # %% auto #0
 __all__ = ['EXPORT_FORMAT', 'FORMATS', 'PRECISIONS', 'BACKENDS', 'TENSORRT_MISSING', 'ImageGraph', 'TextGraph', 'ExportError',
            'manifest_path', 'read_export', 'export_onnx', 'onnx_fp16', 'onnx_int8', 'onnx_session',
            'export_torchscript', 'load_torchscript', 'tensorrt', 'build_tensorrt_engine', 'OnnxRunner',
-           'TorchScriptRunner', 'TensorRTRunner', 'runner', 'parity', 'check_parity', 'export_model',
-           'export_from_config']
+           'TorchScriptRunner', 'TensorRTRunner', 'runner', 'parity', 'check_parity', 'write_export_summary',
+           'export_model', 'export_from_config']
 
 # %% ../nbs/06_export.ipynb #523460fe
 class ImageGraph(nn.Module):
@@ -239,6 +239,21 @@ def check_parity(p:dict, # from `parity`
     if p['top1_agreement'] < limits['agreement']:
         raise ExportError(f"{what}: top-1 agreement with PyTorch {p['top1_agreement']:.3f} is below {limits['agreement']:g} on {p['n_images']} images")
 
+# %% ../nbs/06_export.ipynb #6e46e09b
+def write_export_summary(out_dir:str|Path, # the export folder
+                         exported:Sequence[dict], # manifests of the exports written
+                         refused:Sequence[dict], # {backend, precision, parity, thresholds, reason} of those refused
+                        ) -> Path:
+    "Write `summary.json` and `summary.md`: every export's parity figures vs its thresholds, and why any was refused."
+    rows = [dict(export=f"{m['backend']}-{m['precision']}", status='written', **m['parity'], max_abs_allowed=m['thresholds'].get('max_abs'),
+                 agreement_needed=m['thresholds'].get('agreement'), reason='') for m in exported]
+    rows += [dict(export=f"{r['backend']}-{r['precision']}", status='refused', **r['parity'], max_abs_allowed=r['thresholds'].get('max_abs'),
+                  agreement_needed=r['thresholds'].get('agreement'), reason=r['reason']) for r in refused]
+    out = Path(out_dir)
+    (out/'summary.json').write_text(json.dumps(dict(exported=[r for r in rows if r['status'] == 'written'], refused=list(refused)), indent=2))
+    (out/'summary.md').write_text('# Exports and their parity with PyTorch\n\n' + pd.DataFrame(rows).to_markdown(index=False) + '\n')
+    return out/'summary.json'
+
 # %% ../nbs/06_export.ipynb #bbe87272
 def _batches(x:np.ndarray, bs:int=16) -> list[np.ndarray]: return [x[i:i + bs] for i in range(0, len(x), bs)]
 
@@ -254,7 +269,7 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
                  opset:int=17, # ONNX opset
                  progress:bool=True, # a progress bar over the exports
                 ) -> list[dict]:
-    "Export a classifier to every asked format and precision, each checked against PyTorch; return their manifests."
+    "Export a classifier to every asked format and precision, each checked against PyTorch; return the manifests of those that pass."
     from fastprogress.fastprogress import progress_bar
     from clip_har.train import load_classifier, read_classifier_meta
     bad = [f for f in formats if f not in FORMATS] + [p for p in precisions if p not in PRECISIONS]
@@ -271,14 +286,16 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
     with torch.no_grad(): ref = np.concatenate([image(torch.from_numpy(b))[0].numpy() for b in _batches(x_val)])
     example = torch.from_numpy(x_val[:2])
     tokens = clip.tokenizer(['a photo of a person calling.', 'a photo of someone eating.'])
-    base = dict(format=EXPORT_FORMAT, model=meta['model'], source_model=str(model_path), source_sha256=file_sha256(model_path),
+    base = dict(format=EXPORT_FORMAT, model=meta['model'], pretrained=meta.get('pretrained'), quick_gelu=clip.quick_gelu,
+                source_model=str(model_path), source_sha256=file_sha256(model_path),
                 labels=clf.labels, preprocess=clf.preprocess, logit_scale=clip.logit_scale, context_length=int(tokens.shape[1]),
                 head=meta.get('head'), wise_alpha=meta.get('wise_alpha'), smoke_run=meta.get('pretrained') is None or meta['model'] == TINY_MODEL,
                 torch_version=torch.__version__)
     jobs = [(f, p) for f in formats for p in (('fp32',) if f == 'torchscript' else precisions)]
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    done = []
-    for fmt, prec in (progress_bar(jobs) if progress else jobs):
+    done, refused, t_start = [], [], time.time()
+    for i, (fmt, prec) in enumerate(progress_bar(jobs) if progress else jobs):
+        report_progress(f'export {fmt} {prec} ({i + 1}/{len(jobs)})', i, len(jobs), 'exports', t_start)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmpd:
             tmp = Path(tmpd)
             t0 = time.perf_counter()
@@ -299,15 +316,20 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
             man = dict(base, backend=fmt, precision=prec, graphs=graphs, export_seconds=round(time.perf_counter() - t0, 2))
             man['parity'] = parity(ref, _run_all(runner({**man, 'folder': str(tmp)}), x_val))
             man['thresholds'] = thresholds[prec]
-            check_parity(man['parity'], thresholds[prec], f'{fmt} {prec}')
+            dest = out_dir/f'{fmt}-{prec}'
+            if dest.exists(): shutil.rmtree(dest)  # an earlier run's export of this kind is not this model's
+            try: check_parity(man['parity'], thresholds[prec], f'{fmt} {prec}')
+            except ExportError as e:
+                refused.append(dict(backend=fmt, precision=prec, parity=man['parity'], thresholds=thresholds[prec], reason=str(e)))
+                get_logger('export').warning(f'{e}: refused, not written'); continue
             man['files'] = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
             (tmp/'manifest.json').write_text(json.dumps(man, indent=2))
-            dest = out_dir/f'{fmt}-{prec}'
-            if dest.exists(): shutil.rmtree(dest)
             shutil.copytree(tmp, dest)
         done.append({**man, 'folder': str(dest)})
         get_logger('export').info(f"{fmt} {prec}: max |diff| {man['parity']['max_abs_diff']:.2e}, top-1 agreement "
                                   f"{man['parity']['top1_agreement']:.3f} on {man['parity']['n_images']} images -> {dest}")
+    write_export_summary(out_dir, done, refused)
+    if not done: raise ExportError('no export passed its parity check: ' + '; '.join(r['reason'] for r in refused) + f' (see {out_dir/"summary.md"})')
     return done
 
 # %% ../nbs/06_export.ipynb #c1208730

@@ -15,7 +15,7 @@ from PIL import Image
 from .core import *
 from .data import IMAGE_EXTS, ImageDecodeError, image_batch
 from .export import BACKENDS, PRECISIONS, ExportError, ImageGraph, TextGraph, read_export, runner, tensorrt
-from .model import ACTION_TEMPLATES, HAR_PHRASES, class_prompts, load_clip
+from .model import ACTION_TEMPLATES, HAR_PHRASES, backbone_from_meta, class_prompts, load_clip
 
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inputs', 'predict_files', 'predict_distributed',
@@ -49,6 +49,7 @@ class Predictor:
             if backend not in (None, 'pytorch'): raise ExportError(f'{path} is a PyTorch classifier file; run `clip-har export` to get a {backend} model')
             run = _TorchRunner(path, device)
             self.manifest = dict(backend='pytorch', precision='fp32', model=run.meta['model'], labels=run.classifier.labels,
+                                 smoke_run=run.meta.get('pretrained') is None or run.meta['model'] == TINY_MODEL,
                                  preprocess=run.classifier.preprocess, folder=str(path.parent), source_model=str(path))
             self._image, self._text_run = run, run.text
             self.logit_scale = float(run.classifier.head.logit_scale) if hasattr(run.classifier.head, 'logit_scale') else 100.0
@@ -314,8 +315,9 @@ def benchmark_models(targets:Sequence[tuple[str, str]], # (label, model) pairs; 
     "Latency, throughput and memory of each model, each timed in its own fresh process; printed, tabled and plotted."
     import subprocess, sys
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for label, model in targets:
+    results, t0 = [], time.time()
+    for i, (label, model) in enumerate(targets):
+        report_progress(f'benchmark {label} ({i + 1}/{len(targets)})', i, len(targets), 'backends', t0)
         args = json.dumps([str(model), label, list(batch_sizes), runs, device, providers])
         code = 'import json, sys; from clip_har.inference import _bench_worker; print("RESULT", json.dumps(_bench_worker(*json.loads(sys.argv[1]))))'
         p = subprocess.run([sys.executable, '-c', code, args], capture_output=True, text=True)
@@ -386,5 +388,12 @@ def benchmark_from_config(cfg:Config, # paths and device settings
         m = json.loads(man.read_text())
         targets.append((f"{m['backend']}-{m['precision']}", str(man.parent)))
     device = 'cuda' if get_device(cfg.device).type == 'cuda' else 'cpu'
-    return benchmark_models(targets, out_dir or out/'benchmark', batch_sizes, runs, device,
-                            title=f'{cfg.model.name} ({cfg.model.pretrained or "random weights"}) on {device}', meta=dict(model=cfg.model.name))
+    summary = out/'export'/'summary.json'
+    refused = json.loads(summary.read_text())['refused'] if summary.is_file() else []
+    bench = Path(out_dir or out/'benchmark')
+    df = benchmark_models(targets, bench, batch_sizes, runs, device, title=f'{cfg.model.name} ({cfg.model.pretrained or "random weights"}) on {device}',
+                          meta=dict(model=cfg.model.name, refused_exports=refused))
+    if refused:  # not timed: they missed their parity thresholds and were not written
+        with open(bench/'benchmark.md', 'a') as f:
+            f.write('\n## Refused exports (not benchmarked)\n\n' + '\n'.join(f"- {r['backend']}-{r['precision']}: {r['reason']}" for r in refused) + '\n')
+    return df

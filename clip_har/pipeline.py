@@ -16,10 +16,11 @@ import yaml
 from .core import *
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named', 'dvc_yaml',
-           'write_dvc_yaml', 'missing_stage_params', 'notebooks_dir', 'stage_notebook', 'run_notebook',
-           'log_run_records', 'run_stage', 'preflight', 'dvc', 'run_pipeline', 'write_demo_params',
-           'registry_classifier', 'retrain_gate', 'retrain']
+__all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'HUB_DATASET', 'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named',
+           'dvc_yaml', 'write_dvc_yaml', 'missing_stage_params', 'notebooks_dir', 'stage_notebook', 'run_notebook',
+           'log_run_records', 'run_stage', 'dataset_cached', 'weights_cached', 'preflight', 'rehearsal_dataset',
+           'rehearsal_weights', 'dvc', 'run_pipeline', 'write_demo_params', 'registry_classifier', 'retrain_gate',
+           'retrain']
 
 # %% ../nbs/10_pipeline.ipynb #b4d1c8d2
 class PipelineError(ClipHarError, RuntimeError):
@@ -196,27 +197,118 @@ def run_stage(name:str, # a stage in `STAGES`
     return nb_out
 
 # %% ../nbs/10_pipeline.ipynb #fa3b56eb
-def _in_hf_cache(repo_id:str, kind:str) -> bool:
-    "Whether the Hugging Face cache holds something of `repo_id` (a dataset or model)."
-    from huggingface_hub.constants import HF_HUB_CACHE
-    return (Path(HF_HUB_CACHE)/f"{kind}s--{repo_id.replace('/', '--')}").is_dir()
+def dataset_cached(repo_id:str) -> Path|None:
+    "The prepared copy of a Hub dataset in the `datasets` cache that `load_dataset` reuses offline, or None."
+    from datasets import config
+    from datasets.naming import camelcase_to_snakecase
+    *ns, name = repo_id.split('/')
+    folder = Path(config.HF_DATASETS_CACHE)/'___'.join([*ns, camelcase_to_snakecase(name)])
+    return next((p for p in sorted(folder.glob('*/*/*')) if p.is_dir() and (p/'dataset_info.json').is_file()), None)
+
+def weights_cached(name:str, tag:str) -> Path|None:
+    "The weights file open_clip would download for (`name`, `tag`), if the Hugging Face cache holds it."
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+    register_test_models()
+    hf = ((open_clip.get_pretrained_cfg(name, tag) or {}).get('hf_hub') or '').strip('/')
+    if not hf: return None
+    repo, file = '/'.join(hf.split('/')[:2]), '/'.join(hf.split('/')[2:])
+    for f in ([file] if file else ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']):
+        p = try_to_load_from_cache(repo, f)
+        if isinstance(p, str): return Path(p)
+    return None
 
 def preflight(cfg:Config):
-    "Raise a `PipelineError` naming the fix when the data or weights must be downloaded and cannot be."
-    needs = []
-    src = str(cfg.data.source)
-    if not Path(src).exists() and '/' in src and not _in_hf_cache(src.split(':')[-1], 'dataset'): needs.append(f'the dataset {src}')
-    if cfg.model.pretrained:
-        try:
-            import open_clip
-            hf = open_clip.get_pretrained_cfg(cfg.model.name, cfg.model.pretrained).get('hf_hub', '').strip('/')
-        except Exception: hf = ''
-        if not Path(str(cfg.model.pretrained)).exists() and not (hf and _in_hf_cache(hf.split('/')[0] + '/' + hf.split('/')[1], 'model')):
-            needs.append(f'the {cfg.model.name}/{cfg.model.pretrained} weights')
+    "Raise a `PipelineError` naming what must be downloaded, and the fix, when the Hub cannot be reached."
+    from datasets import config
+    from huggingface_hub.constants import HF_HUB_CACHE
+    needs, src = [], str(cfg.data.source)
+    if src.startswith(('hf:', 'hub:')) and not dataset_cached(src.split(':', 1)[1]):
+        needs.append(f'the dataset {src} (no prepared copy in the datasets cache {config.HF_DATASETS_CACHE})')
+    pre = cfg.model.pretrained
+    if pre and not Path(str(pre)).expanduser().exists() and not str(cfg.model.name).startswith('local-dir:') and not weights_cached(cfg.model.name, pre):
+        needs.append(f'the {cfg.model.name}/{pre} weights (not in the Hugging Face cache {HF_HUB_CACHE})')
     if needs and (hub_offline() or not hub_reachable()):
         raise PipelineError(f"{' and '.join(needs)} must be downloaded from the Hugging Face Hub, which cannot be reached from here. "
                             'Fix: run once where the Hub is reachable (the cache is reused), point data.source and model.pretrained at '
                             'local copies, or run the offline demo: `make demo`.')
+
+# %% ../nbs/10_pipeline.ipynb #179bfe93
+HUB_DATASET = 'Bingsu/Human_Action_Recognition'
+
+def _hub_file(repo:Path, rev:str, name:str, data:bytes):
+    "Store `data` as a Hugging Face cache does: a content-addressed blob, linked from the snapshot."
+    import hashlib
+    blob = repo/'blobs'/hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True); blob.write_bytes(data)
+    link = repo/'snapshots'/rev/name
+    link.parent.mkdir(parents=True, exist_ok=True); link.unlink(missing_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo/'refs').mkdir(exist_ok=True); (repo/'refs'/'main').write_text(rev)
+
+def _hub_card(labels:Sequence[str], n_train:int, n_test:int) -> str:
+    "The dataset card of the Hub repository: its YAML says the features, splits and data files."
+    names = ''.join(f"          '{i}': {l}\n" for i, l in enumerate(labels))
+    return ('---\ndataset_info:\n  features:\n  - name: image\n    dtype: image\n  - name: labels\n    dtype:\n      class_label:\n'
+            f'        names:\n{names}  splits:\n  - name: train\n    num_examples: {n_train}\n  - name: test\n    num_examples: {n_test}\n'
+            'configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n  - split: test\n    path: data/test-*\n---\n\n'
+            '# Human Action Recognition (rehearsal copy: real photos, laid out as the Hub serves them)\n')
+
+# %% ../nbs/10_pipeline.ipynb #437ae5f7
+def rehearsal_dataset(hf_home:str|Path, # becomes HF_HOME
+                      source:str|Path|None=None, # an image folder (<label>/ or <split>/<label>/); default: har-mini, else the fixtures
+                      per_class:int|None=4, # photos per class taken from it (None: all)
+                      revision:str='4a6b5d8e' * 5, # the snapshot's commit hash
+                     ) -> Path:
+    "Lay out the HAR dataset in `hf_home` as a first online `load_dataset` leaves it; return the datasets cache folder."
+    import io, datasets, pandas as pd
+    from PIL import Image, ImageOps
+    from datasets.packaged_modules.parquet.parquet import Parquet
+    from clip_har.data import read_image_folder
+    hf_home = Path(hf_home)
+    items = read_image_folder(source or har_mini_dir() or fixtures_dir()).sort_values(['label', 'path'])
+    if per_class: items = items.groupby('label').head(per_class)
+    unknown = sorted(set(items.label) - set(HAR_LABELS))
+    if unknown: raise PipelineError(f'{source}: labels {unknown} are not the Hub dataset\'s')
+    def mirrored(p):
+        buf = io.BytesIO(); ImageOps.mirror(Image.open(p).convert('RGB')).save(buf, 'JPEG', quality=92); return buf.getvalue()
+    rows = [(Path(p).read_bytes(), HAR_LABELS.index(l)) for p, l in zip(items.path, items.label)]
+    rows += [(mirrored(p), HAR_LABELS.index(l)) for p, l in zip(items.path, items.label)]
+    features = datasets.Features({'image': datasets.Image(), 'labels': datasets.ClassLabel(names=list(HAR_LABELS))})
+    splits = {'train': rows, 'test': [(b, 0) for b, _ in rows[::3]]}  # the Hub's test labels are placeholders: all 0
+    repo = hf_home/'hub'/f"datasets--{HUB_DATASET.replace('/', '--')}"
+    files = {}
+    for split, rs in splits.items():
+        buf = io.BytesIO()
+        datasets.Dataset.from_dict({'image': [{'bytes': b, 'path': None} for b, _ in rs], 'labels': [l for _, l in rs]}, features=features).to_parquet(buf)
+        name = f'data/{split}-00000-of-00001.parquet'
+        _hub_file(repo, revision, name, buf.getvalue()); files[split] = str(repo/'snapshots'/revision/name)
+    _hub_file(repo, revision, 'README.md', _hub_card(HAR_LABELS, len(splits['train']), len(splits['test'])).encode())
+    builder = Parquet(cache_dir=str(hf_home/'datasets'), dataset_name=HUB_DATASET.split('/')[1].lower(), hash=revision,
+                      config_name='default', config_id='default', data_files=files, features=features)
+    builder.repo_id = HUB_DATASET  # the Hub name makes the cache folder's namespace, as when the data files come from the Hub
+    builder._cache_dir = builder._build_cache_dir()
+    builder.download_and_prepare()
+    return Path(builder.cache_dir)
+
+# %% ../nbs/10_pipeline.ipynb #1b03f007
+def rehearsal_weights(hf_home:str|Path, # becomes HF_HOME
+                      model:str='ViT-B-16', # an open_clip model name
+                      tag:str='openai', # one of its pretrained tags (downloaded from the Hub)
+                      revision:str='7e3d1c9a' * 5, # the snapshot's commit hash
+                      seed:int=0) -> Path:
+    "Write random weights of `model`'s real shapes where open_clip's download of `tag` would leave them; return the file."
+    import open_clip, torch
+    from safetensors.torch import save
+    register_test_models()
+    hf = (open_clip.get_pretrained_cfg(model, tag) or {}).get('hf_hub', '').strip('/')
+    if not hf: raise PipelineError(f'{model}/{tag}: open_clip downloads it from outside the Hugging Face Hub; nothing to lay out')
+    torch.manual_seed(seed)
+    net = open_clip.create_model(model, pretrained=None)
+    data = save({k: v.contiguous() for k, v in net.state_dict().items()})
+    repo = Path(hf_home)/'hub'/f"models--{hf.replace('/', '--')}"
+    _hub_file(repo, revision, 'open_clip_model.safetensors', data)
+    return repo/'snapshots'/revision/'open_clip_model.safetensors'
 
 # %% ../nbs/10_pipeline.ipynb #9e567dc8
 def dvc(*args:str, folder:str|Path='.',

@@ -13,7 +13,7 @@ from fastai.callback.core import Callback
 
 from .core import *
 from .data import ImageDecodeError, image_batch
-from .model import ClipClassifier, ModelLoadError, clip_classifier, load_clip, load_state_dict_checked, save_clip_folder
+from .model import ClipClassifier, ModelLoadError, backbone_from_meta, clip_classifier, load_clip, load_state_dict_checked, save_clip_folder
 
 try: from mlflow.pyfunc import PythonModel  # the `track` extra
 except ImportError: PythonModel = object
