@@ -27,7 +27,7 @@ run: install
 ## The same pipeline offline in demo/ (its params.yaml: tiny random CLIP on har-mini or the committed fixtures): a smoke run.
 demo: install
 	$(OFFLINE) $(BIN)/clip-har pipeline --demo
-	cd demo && $(OFFLINE) ../$(BIN)/clip-har runs
+	cd demo && $(OFFLINE) $(abspath $(BIN))/clip-har runs
 
 test: install check nbtest docs pytest
 

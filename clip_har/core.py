@@ -159,7 +159,7 @@ class ExportConfig(_Section):
     formats: list[Literal['onnx', 'torchscript', 'tensorrt']] = ['onnx']
     precisions: list[Literal['fp32', 'fp16', 'int8']] = ['fp32', 'fp16', 'int8']  # ONNX and TensorRT; TorchScript is fp32
     opset: int = Field(17, ge=13)
-    calibration_images: int = Field(64, ge=1)  # int8 calibration, from the train split
+    calibration_images: int = Field(64, ge=1)  # TensorRT int8 calibration, from the train split
     validation_images: int = Field(64, ge=2)  # parity check, from the valid split
     thresholds: dict[Literal['fp32', 'fp16', 'int8'], ParityLimit] = {
         'fp32': ParityLimit(max_abs=1e-3, agreement=1.0), 'fp16': ParityLimit(max_abs=0.25, agreement=0.98),

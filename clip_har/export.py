@@ -15,8 +15,8 @@ from .data import image_batch
 from .model import backbone_from_meta, load_clip
 
 # %% auto #0
-__all__ = ['EXPORT_FORMAT', 'FORMATS', 'PRECISIONS', 'BACKENDS', 'TENSORRT_MISSING', 'ImageGraph', 'TextGraph', 'ExportError',
-           'manifest_path', 'read_export', 'export_onnx', 'onnx_fp16', 'onnx_int8', 'onnx_session',
+__all__ = ['EXPORT_FORMAT', 'FORMATS', 'PRECISIONS', 'BACKENDS', 'INT8_SCHEME', 'TENSORRT_MISSING', 'ImageGraph', 'TextGraph',
+           'ExportError', 'manifest_path', 'read_export', 'export_onnx', 'onnx_fp16', 'onnx_int8', 'onnx_session',
            'export_torchscript', 'load_torchscript', 'tensorrt', 'build_tensorrt_engine', 'OnnxRunner',
            'TorchScriptRunner', 'TensorRTRunner', 'runner', 'parity', 'check_parity', 'write_export_summary',
            'export_model', 'export_from_config']
@@ -88,19 +88,17 @@ def onnx_fp16(src:str|Path, dst:str|Path) -> Path:
     onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
     return Path(dst)
 
-def onnx_int8(src:str|Path, dst:str|Path, calibration:Sequence[np.ndarray], input_name:str='image') -> Path:
-    "A statically quantised int8 copy of an ONNX model, calibrated on `calibration` batches."
-    from onnxruntime.quantization import quantize_static, CalibrationDataReader, QuantFormat, QuantType
+INT8_SCHEME = 'dynamic: MatMul/Gemm weights int8 per channel, activations quantised per batch at run time; other ops fp32'
+
+def onnx_int8(src:str|Path, dst:str|Path) -> Path:
+    "An int8 copy of an ONNX model: `INT8_SCHEME` (no calibration data needed)."
+    from onnxruntime.quantization import quantize_dynamic, QuantType
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    class Reader(CalibrationDataReader):
-        def __init__(self): self.it = iter([{input_name: b} for b in calibration])
-        def get_next(self): return next(self.it, None)
     pre = Path(dst).with_suffix('.pre.onnx')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=['MatMul', 'Gemm'])
     pre.unlink()
     return Path(dst)
 
@@ -261,7 +259,7 @@ def _run_all(run, x:np.ndarray) -> np.ndarray: return np.concatenate([run(b)[0] 
 
 def export_model(model_path:str|Path, # a classifier file from `save_classifier`
                  out_dir:str|Path, # gets one folder per format and precision
-                 calibration_images:Sequence, # real images for int8 calibration (paths or bytes)
+                 calibration_images:Sequence, # real images for TensorRT's int8 calibration (paths or bytes)
                  validation_images:Sequence, # real images for the parity check
                  formats:Sequence[str]=('onnx',), # onnx, torchscript, tensorrt
                  precisions:Sequence[str]=('fp32', 'fp16', 'int8'), # for ONNX and TensorRT (TorchScript is fp32)
@@ -306,14 +304,15 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
                 text_file = export_onnx(text, tokens, tmp/'text.onnx', 'tokens', ['embeddings'], opset)
                 if fmt == 'onnx':
                     img = {'fp32': lambda: onnx32, 'fp16': lambda: onnx_fp16(onnx32, tmp/'image.fp16.onnx'),
-                           'int8': lambda: onnx_int8(onnx32, tmp/'image.int8.onnx', _batches(x_cal, 8))}[prec]()
+                           'int8': lambda: onnx_int8(onnx32, tmp/'image.int8.onnx')}[prec]()
                 else:
                     img = build_tensorrt_engine(onnx32, tmp/f'image.{prec}.plan', prec, _batches(x_cal, 8))
                     text_file = build_tensorrt_engine(text_file, tmp/'text.plan', 'fp32', input_name='tokens')
                 for f in tmp.glob('*.onnx'):
                     if f not in (img, text_file): f.unlink()
                 graphs = {'image': img.name, 'text': text_file.name}
-            man = dict(base, backend=fmt, precision=prec, graphs=graphs, export_seconds=round(time.perf_counter() - t0, 2))
+            man = dict(base, backend=fmt, precision=prec, graphs=graphs, export_seconds=round(time.perf_counter() - t0, 2),
+                       **({'quantization': INT8_SCHEME} if (fmt, prec) == ('onnx', 'int8') else {}))
             man['parity'] = parity(ref, _run_all(runner({**man, 'folder': str(tmp)}), x_val))
             man['thresholds'] = thresholds[prec]
             dest = out_dir/f'{fmt}-{prec}'

@@ -5,6 +5,7 @@
 # %% ../nbs/02_model.ipynb #37c71a7c
 from __future__ import annotations
 import hashlib, json, os, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -126,6 +127,15 @@ def tag_quick_gelu(name:str, # an open_clip model name
     cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
     return bool(cfg['quick_gelu']) if 'quick_gelu' in cfg else (False if cfg else None)
 
+@contextmanager
+def _no_random_init_notice():
+    "Drop open_clip's root-logger notice that a model was built without pretrained weights."
+    import logging
+    f = logging.Filter(); f.filter = lambda r: 'No pretrained weights loaded' not in r.getMessage()
+    logging.getLogger().addFilter(f)
+    try: yield
+    finally: logging.getLogger().removeFilter(f)
+
 def _beside(ckpt:Path) -> dict:
     "The `open_clip_config.json` beside a checkpoint file (as in a Hub snapshot), or {}."
     f = ckpt.parent/'open_clip_config.json'
@@ -159,10 +169,11 @@ def load_clip(name:str='ViT-B-16', # open_clip name, `hf-hub:<org>/<repo>` or `l
         raise ModelLoadError(f'{name} ({pretrained}): the Hugging Face Hub cannot be reached from here. {OFFLINE_FIX}')
     kw = dict(device='cpu', cache_dir=cache_dir, force_quick_gelu=bool(quick_gelu))
     try:
-        if ckpt is not None:
-            model = open_clip.create_model(name, pretrained=None, **kw)
-            load_state_dict_checked(model, read_checkpoint(ckpt), origin=str(ckpt))
-        else: model = open_clip.create_model(name, pretrained=None if schema else pretrained, load_weights=True, **kw)
+        with _no_random_init_notice():  # open_clip's "initialized randomly" is wrong when weights follow (and said below when not)
+            if ckpt is not None:
+                model = open_clip.create_model(name, pretrained=None, **kw)
+                load_state_dict_checked(model, read_checkpoint(ckpt), origin=str(ckpt))
+            else: model = open_clip.create_model(name, pretrained=None if schema else pretrained, load_weights=True, **kw)
     except ModelLoadError: raise
     except Exception as e:
         hint = OFFLINE_FIX if downloads else 'check the model name and weights'
