@@ -12,12 +12,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['HAR_LABELS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV', 'HAR_MINI_MISSING', 'get_logger', 'ClipHarError',
-           'ConfigError', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig',
-           'TrackConfig', 'ParityLimit', 'ExportConfig', 'ServeConfig', 'RetrainConfig', 'Config', 'close_matches',
-           'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device',
-           'hub_offline', 'hub_reachable', 'register_test_models', 'file_sha256', 'running_benchmarks',
-           'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir']
+__all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV', 'HAR_MINI_MISSING', 'get_logger',
+           'ClipHarError', 'ConfigError', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig',
+           'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig', 'ServeConfig', 'RetrainConfig', 'Config',
+           'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything',
+           'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'hub_offline', 'hub_reachable',
+           'register_test_models', 'file_sha256', 'running_benchmarks', 'report_progress', 'progress_line',
+           'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -108,7 +109,7 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float|None = Field(1.0, gt=0)  # max gradient norm; null: no clipping
     grad_accum: int = Field(1, ge=1)  # batches per optimiser step
-    precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'  # auto: bf16 on CUDA where supported, else fp16 on CUDA, fp32 elsewhere
+    precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'  # auto: bf16 on CUDA where supported (else fp16), bf16 on CPUs with AVX-512 BF16/AMX, else fp32
     patience: int|None = Field(3, ge=1)  # early stopping after this many epochs without improvement; null: off
     monitor: Literal['accuracy', 'valid_loss'] = 'accuracy'  # what early stopping and the best checkpoint watch
     wise_alphas: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # WiSE-FT blend weights to try
@@ -200,6 +201,7 @@ class Config(_Section):
     "All of clip_har's parameters, as read from `params.yaml`."
     seed: int = 42  # seeds python, numpy and torch
     device: Literal['auto', 'cuda', 'mps', 'cpu'] = 'auto'
+    precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'  # PyTorch inference (zero-shot, evaluate, predict, serve, benchmark); see resolve_precision
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -320,6 +322,37 @@ def get_device(pref:str='auto', # auto, cuda, mps or cpu
     if pref not in avail: raise ConfigError(f"device {pref!r} is unknown; choose auto, cuda, mps or cpu")
     if not avail[pref]: raise ConfigError(f"device {pref!r} was asked for but is not available here; use device=auto or cpu")
     return torch.device(pref)
+
+# %% ../nbs/00_core.ipynb #8d4d36fe
+BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')  # /proc/cpuinfo flags of CPUs with native bf16 arithmetic
+
+def cpu_flags() -> set[str]:
+    "The CPU's feature flags, from /proc/cpuinfo (empty where it cannot be read)."
+    try:
+        with open('/proc/cpuinfo') as f: return next((set(l.split(':', 1)[1].split()) for l in f if l.startswith('flags')), set())
+    except OSError: return set()
+
+def resolve_precision(precision:str='auto', # auto, fp32, bf16 or fp16 (from params.yaml)
+                      device='cpu', # the torch device (or its type) the model runs on
+                      flags:set[str]|None=None, # the CPU's flags (default: `cpu_flags()`)
+                     ) -> str:
+    "What `precision` means on `device`: 'bf16', 'fp16' or 'fp32'; a precision the device cannot run is a `ConfigError`."
+    import torch
+    kind = torch.device(device).type
+    if kind == 'cuda': return ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if precision == 'auto' else precision
+    if precision in ('auto', 'fp32'):
+        native = kind == 'cpu' and bool((cpu_flags() if flags is None else set(flags)) & set(BF16_CPU_FLAGS))
+        return 'bf16' if precision == 'auto' and native else 'fp32'
+    if precision == 'bf16' and kind == 'cpu': return 'bf16'  # asked for: runs everywhere, fast where the CPU has it
+    raise ConfigError(f'precision {precision} needs a CUDA device; use auto, fp32 or (on CPUs) bf16 on {kind}')
+
+def autocast(precision:str, # from `resolve_precision`
+             device='cpu'):
+    "A context in which forward passes run at `precision` (autocast for bf16/fp16; nothing for fp32)."
+    import torch
+    from contextlib import nullcontext
+    if precision == 'fp32': return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
 
 # %% ../nbs/00_core.ipynb #3dd4582c
 def hub_offline() -> bool:
