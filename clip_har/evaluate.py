@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 
 from .core import *
-from .data import DataSourceError, eval_dataloader, read_manifest
-from .model import classification_metrics, plot_confusion, predict_logits
+from .data import DataSourceError, eval_dataloader, image_batch, read_manifest
+from .model import classification_metrics, plot_confusion, precision_check, predict_logits
 
 # %% auto #0
 __all__ = ['REPORT_FIGURES', 'HEADLINE', 'evaluation_metrics', 'fit_temperature', 'worst_mistakes', 'plot_per_class', 'plot_roc',
@@ -243,15 +243,15 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
              progress:bool=True, # progress bars
             ) -> dict:
     "Evaluate a trained classifier on a held-out split; write metrics, plots and the report; log them to the tracker."
-    from clip_har.train import load_classifier, read_classifier_meta
+    from clip_har.train import load_classifier, read_classifier_meta, saved_valid_logits
     from clip_har.tracking import Tracker, lineage
     split = split or cfg.evaluate.split
     train_dir = Path(cfg.paths.out_dir)/'train'
     model_path = Path(model) if model else trained_model_path(train_dir)
     manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
     out = Path(out_dir or Path(cfg.paths.out_dir)/'evaluate'); out.mkdir(parents=True, exist_ok=True)
-    device = get_device(cfg.device)
-    if model_path.is_dir() or model_path.name == 'manifest.json':  # an export: scored through its backend
+    device, precision = get_device(cfg.device), 'fp32'
+    if model_path.is_dir() or model_path.name == 'manifest.json':  # an export: scored through its backend, at its own precision
         from clip_har.inference import Predictor
         pred = Predictor(model_path)
         m = pred.manifest
@@ -261,20 +261,24 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
     else:
         meta = read_classifier_meta(model_path)
         clf = load_classifier(model_path).to(device)
-        labels, preprocess, forward = clf.labels, clf.preprocess, clf
+        labels, preprocess, forward, precision = clf.labels, clf.preprocess, clf, resolve_precision(cfg.precision, device)
     table = read_manifest(manifest)
     rows = evaluation_rows(table, split, meta['labels'], manifest)
     def logits_of(r): return predict_logits(forward, eval_dataloader(r, labels, preprocess, cfg.data.batch_size, cfg.data.num_workers, device), progress,
-                                            f"evaluate {r.split.iloc[0] if 'split' in r and len(r) else ''}".strip())
+                                            f"evaluate {r.split.iloc[0] if 'split' in r and len(r) else ''}".strip(), precision)
     logits, y = logits_of(rows)
     metrics = evaluation_metrics(logits, y, labels, cfg.evaluate.calibration_bins)
     valid = table[table.split == 'valid']
     calibrated = None
     if split != 'valid' and len(valid):
-        T = fit_temperature(*logits_of(valid))
+        vy = torch.tensor([labels.index(l) for l in valid.label])
+        kept = saved_valid_logits(model_path, vy, precision) if model_path.is_file() and model_path.name != 'manifest.json' else None
+        metrics['valid_logits_reused'] = kept is not None  # training's pass over the same split with the same weights
+        T = fit_temperature(kept, vy) if kept is not None else fit_temperature(*logits_of(valid))
         calibrated = evaluation_metrics(logits / T, y, labels, cfg.evaluate.calibration_bins)
         metrics.update(temperature=T, ece_calibrated=calibrated['ece'], nll_calibrated=calibrated['nll'])
-    result = dict(model=meta['model'], model_path=str(model_path), report=str(out/'report.html'), split=split, manifest=str(manifest), wise_alpha=meta.get('wise_alpha'),
+    if precision != 'fp32': metrics['precision_check'] = precision_check(clf, image_batch(list(rows.path[:32]), preprocess), precision)
+    result = dict(model=meta['model'], model_path=str(model_path), report=str(out/'report.html'), split=split, manifest=str(manifest), wise_alpha=meta.get('wise_alpha'), precision=precision,
                   smoke_run=meta.get('pretrained') is None or meta['model'] == TINY_MODEL, **metrics)
     mistakes = worst_mistakes(logits, y, list(rows.path), labels, cfg.evaluate.mistakes)
     probs = logits.softmax(-1)
@@ -290,7 +294,7 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
     (out/'report.md').write_text(evaluation_markdown(result, mistakes))
     (out/'details.json').write_text(json.dumps(result, indent=2))
     summary = {k: result[k] for k in HEADLINE if result.get(k) is not None}
-    (out/'metrics.json').write_text(json.dumps({k: result[k] for k in ('model', 'split', 'n', 'smoke_run')} | summary, indent=2))
+    (out/'metrics.json').write_text(json.dumps({k: result[k] for k in ('model', 'split', 'n', 'smoke_run', 'precision')} | summary, indent=2))
     run_id = json.loads((train_dir/'train_metrics.json').read_text()).get('mlflow_run_id') if not model and (train_dir/'train_metrics.json').is_file() else None
     tracker = Tracker.from_config(cfg).start(f'evaluate-{meta["model"]}', None if run_id else config_dict(cfg),
                                                   None if run_id else lineage(cfg, manifest), run_id=run_id)

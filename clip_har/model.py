@@ -20,8 +20,8 @@ __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'ModelLoadError', '
            'hf_cache_layout', 'imagenet_templates', 'phrases_for', 'class_prompts', 'check_labels', 'text_fingerprint',
            'encode_prompts', 'class_embeddings', 'ZeroShotHead', 'ZeroShotClassifier', 'LinearHead', 'MLPHead',
            'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier', 'clip_classifier', 'clip_splitter',
-           'backbone_meta', 'backbone_from_meta', 'predict_logits', 'classification_metrics', 'plot_confusion',
-           'write_metrics', 'evaluate_zeroshot', 'benchmark_classifier_build']
+           'backbone_meta', 'backbone_from_meta', 'predict_logits', 'classification_metrics', 'precision_check',
+           'plot_confusion', 'write_metrics', 'evaluate_zeroshot', 'benchmark_classifier_build']
 
 # %% ../nbs/02_model.ipynb #0ef7e6b6
 class ModelLoadError(ClipHarError, ValueError):
@@ -478,6 +478,7 @@ def predict_logits(model:Callable, # maps an image batch to logits (a module, or
                    dl, # a fastai/PyTorch DataLoader of (images, targets)
                    progress:bool=True, # show a progress bar
                    task:str='predict', # names this pass in the pipeline's terminal progress lines
+                   precision:str='fp32', # from `resolve_precision`: bf16 runs the forward under autocast; logits come back fp32
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     "All logits and targets of `dl` (reporting progress as it goes)."
     from fastprogress.fastprogress import progress_bar
@@ -486,7 +487,8 @@ def predict_logits(model:Callable, # maps an image batch to logits (a module, or
     device = params.device if params is not None else torch.device('cpu')
     outs, ys, t0, total = [], [], time.time(), getattr(dl, 'n', None) or len(getattr(dl, 'dataset', ()))
     for xb, yb in (progress_bar(dl, leave=False) if progress else dl):
-        outs.append(model(xb.to(device)).float().cpu()); ys.append(yb.cpu())
+        with autocast(precision, device): outs.append(model(xb.to(device)).float().cpu())
+        ys.append(yb.cpu())
         report_progress(task, sum(len(y) for y in ys), total, 'images', t0)
     return torch.cat(outs).as_subclass(torch.Tensor), torch.cat(ys).as_subclass(torch.Tensor)  # plain tensors, not fastai's subclasses
 
@@ -505,6 +507,19 @@ def classification_metrics(logits:torch.Tensor, # (N, C)
     return dict(n=int(len(y)), top1=float(accuracy_score(y, pred)), top5=None if top5 is None else float(top5),
                 per_class_accuracy=per_class, support={l: int(s) for l, s in zip(labels, support)},
                 confusion_matrix=cm.tolist(), labels=list(labels))
+
+# %% ../nbs/02_model.ipynb #e22f5262
+@torch.no_grad()
+def precision_check(model:nn.Module, # maps an image batch to logits
+                    x:torch.Tensor, # a batch of real images
+                    precision:str, # from `resolve_precision`
+                   ) -> dict:
+    "Top-1 agreement and max |logit difference| of `model` at `precision` against fp32, on `x`."
+    device = next(model.parameters()).device
+    ref = model(x.to(device)).float()
+    with autocast(precision, device): got = model(x.to(device)).float()
+    return dict(precision=precision, n_images=len(x), top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+                max_abs_logit_diff=float((ref - got).abs().max()))
 
 # %% ../nbs/02_model.ipynb #b9a98afa
 def plot_confusion(metrics:dict, path:str|Path|None=None, normalize:bool=True):
@@ -542,6 +557,7 @@ def evaluate_zeroshot(cfg:Config, # model, data and paths settings
     from clip_har.data import read_manifest, eval_dataloader, DataSourceError
     if split not in ('train', 'valid', 'test'): raise ValueError(f"split must be train, valid or test, not {split!r}")
     device = get_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     clip = load_clip(cfg.model.name, cfg.model.pretrained, device)
     manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
     rows = read_manifest(manifest, cfg.data.labels).query('split == @split')
@@ -549,13 +565,13 @@ def evaluate_zeroshot(cfg:Config, # model, data and paths settings
     templates = cfg.model.templates
     zs = ZeroShotClassifier(clip, cfg.data.labels, templates, {**HAR_PHRASES, **cfg.model.phrases}, cache_dir=cfg.paths.cache_dir)
     dl = eval_dataloader(rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
-    logits, y = predict_logits(zs, dl, progress, f'zero-shot {split}')
+    logits, y = predict_logits(zs, dl, progress, f'zero-shot {split}', precision)
     metrics = classification_metrics(logits, y, cfg.data.labels)
-    extra = dict(model=cfg.model.name, pretrained=cfg.model.pretrained, split=split, manifest=str(manifest),
+    extra = dict(model=cfg.model.name, pretrained=cfg.model.pretrained, split=split, manifest=str(manifest), precision=precision,
                  templates=templates if isinstance(templates, str) else f'{len(templates)} custom',
                  smoke_run=cfg.model.pretrained is None or cfg.model.name == TINY_MODEL)
     write_metrics(metrics, out_dir or Path(cfg.paths.out_dir)/'zeroshot', extra)
-    get_logger('model').info(f"zero-shot {cfg.model.name}: top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f} on {len(rows)} {split} images")
+    get_logger('model').info(f"zero-shot {cfg.model.name} ({precision}): top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f} on {len(rows)} {split} images")
     return {**extra, **metrics}
 
 # %% ../nbs/02_model.ipynb #5e0985ba

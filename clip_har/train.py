@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy, json, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import *  # noqa: F401,F403 (fit_one_cycle, fit_flat_cos)
 from fastai.callback.training import GradientClip, GradientAccumulation
+from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import find_bs
 from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
@@ -27,12 +28,13 @@ from .model import *
 from .tracking import Tracker, TrackerCallback, lineage
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'flyp_splitter', 'amp_mode', 'build_model',
-           'build_learner', 'atomic_save', 'unwrap', 'full_state_dict', 'plain_containers', 'load_opt_state',
-           'RunState', 'TrainState', 'ProgressReport', 'CheckpointError', 'read_train_checkpoint', 'stage_lrs',
-           'fit_stages', 'wise_ft_state', 'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer',
-           'ShardLog', 'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'save_classifier',
-           'read_classifier_meta', 'load_classifier', 'select_wise_ft', 'train', 'benchmark_training']
+__all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'flyp_splitter', 'amp_mode',
+           'AnyDeviceMixedPrecision', 'build_model', 'build_learner', 'atomic_save', 'unwrap', 'full_state_dict',
+           'plain_containers', 'load_opt_state', 'RunState', 'TrainState', 'ProgressReport', 'CheckpointError',
+           'read_train_checkpoint', 'stage_lrs', 'fit_stages', 'fibonacci_argmax', 'wise_ft_state', 'wise_ft_curve',
+           'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog', 'ShardedDataTrainer', 'shard_model',
+           'distributed_mode', 'init_distributed', 'save_classifier', 'read_classifier_meta', 'load_classifier',
+           'select_wise_ft', 'save_valid_logits', 'saved_valid_logits', 'train', 'benchmark_training']
 
 # %% ../nbs/03_train.ipynb #3dff374f
 def flyp_loss(logits:torch.Tensor, # (B, C) class logits: scale x cosine(image, class prompt)
@@ -76,13 +78,17 @@ def flyp_splitter(model:FlypClassifier, k:int=2) -> list:
     return vis + [[p for p in model.model.parameters() if id(p) not in seen]]
 
 # %% ../nbs/03_train.ipynb #fa2b7e2c
-def amp_mode(precision:str, device) -> str|None:
-    "The fastai mixed-precision mode for `precision` on `device` (None: fp32)."
-    cuda = torch.device(device).type == 'cuda'
-    if precision == 'auto': return ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else None
-    if precision == 'fp32': return None
-    if not cuda: raise ConfigError(f"train.precision={precision} needs a CUDA device; use auto or fp32 on {torch.device(device).type}")
-    return precision
+def amp_mode(precision:str, device, flags:set[str]|None=None) -> str|None:
+    "The fastai mixed-precision mode for `precision` on `device` (None: fp32), as `resolve_precision` decides."
+    p = resolve_precision(precision, device, flags)
+    return None if p == 'fp32' else p
+
+class AnyDeviceMixedPrecision(MixedPrecision):
+    "fastai's `MixedPrecision`, autocasting on the device the batches are on (fastai's own always autocasts CUDA)."
+    def before_fit(self):
+        super().before_fit()
+        kind = self.dls.device.type if getattr(self.dls, 'device', None) is not None else 'cpu'
+        if kind != 'cuda': self.autocast = torch.autocast(kind, dtype=torch.bfloat16)  # bf16 needs no loss scaling
 
 def build_model(cfg:Config, clip:Clip) -> nn.Module:
     "The model to train: a `ClipClassifier` (cross-entropy) or a `FlypClassifier` (FLYP)."
@@ -109,8 +115,8 @@ def build_learner(cfg:Config, # the run's parameters
     learn = Learner(dls, model, loss_func=loss, opt_func=Adam, splitter=splitter, wd=t.weight_decay,
                     metrics=[accuracy, top5], path=Path(path), cbs=cbs,
                     train_bn=False)  # fastai would keep every LayerNorm trainable in frozen groups
-    mode = amp_mode(t.precision, dls.device)
-    if mode: learn.to_fp16() if mode == 'fp16' else learn.to_bf16()
+    mode = amp_mode(t.precision, dls.device or 'cpu')
+    if mode: learn.add_cb(AnyDeviceMixedPrecision(amp_mode=mode))
     return learn
 
 # %% ../nbs/03_train.ipynb #f0996264
@@ -259,6 +265,26 @@ def _fit_stages(learn, cfg, state, opt_state, extra_cbs):
     state.stage, state.epoch = len(t.run_stages), 0
     return state
 
+# %% ../nbs/03_train.ipynb #5a5bd232
+def fibonacci_argmax(f:Callable[[int], float], # the score of an index; unimodal over range(n)
+                     n:int, # how many indices
+                    ) -> tuple[int, dict[int, float]]:
+    "The index where `f` is largest by Fibonacci search, and the scores it evaluated (k evaluations cover F(k+2)-1 indices: 5 for 11)."
+    fib = [1, 1]
+    while fib[-1] - 1 < n: fib.append(fib[-1] + fib[-2])
+    seen = {}
+    def score(i):
+        if i >= n: return float('-inf')  # padding up to a Fibonacci size: never evaluated
+        if i not in seen: seen[i] = f(i)
+        return seen[i]
+    lo, k = -1, len(fib) - 1  # the maximum lies strictly between lo and lo + fib[k]
+    while k > 2:
+        a, b = lo + fib[k - 2], lo + fib[k - 1]
+        if score(a) < score(b): lo = a
+        k -= 1
+    score(lo + 1)
+    return lo + 1, seen
+
 # %% ../nbs/03_train.ipynb #04573b5c
 def wise_ft_state(zs:dict, # zero-shot weights
                   ft:dict, # fine-tuned weights (same keys)
@@ -274,16 +300,25 @@ def wise_ft_curve(model:nn.Module, # the classifier architecture (its weights ar
                   dl, # validation DataLoader
                   alphas:Sequence[float]=(0, .25, .5, .75, 1), # blend weights to score
                   progress:bool=False,
+                  precision:str='fp32', # of the validation passes
+                  search:bool=False, # Fibonacci search (`fibonacci_argmax`) instead of scoring every alpha
+                  known:dict|None=None, # alpha -> (logits, targets) already computed on `dl` (e.g. alpha 1: the fine-tuned model's own pass)
                  ) -> dict:
-    "Validation accuracy of each blend, and the best `alpha`."
+    "Validation accuracy of the blends scored, the best `alpha` (with its logits), and how many validation passes it took."
     zs, ft = ({k: v.detach().clone() for k, v in d.items()} for d in (zs, ft))  # `ft` may be `model`'s own tensors, which each blend overwrites
-    accs = []
-    for i, a in enumerate(alphas):
-        model.load_state_dict(wise_ft_state(zs, ft, a))
-        logits, y = predict_logits(model, dl, progress, f'WiSE-FT alpha {a:g} ({i + 1}/{len(alphas)})')
-        accs.append(float((logits.argmax(-1) == y).float().mean()))
-    best = int(np.argmax(accs))
-    return dict(alphas=list(alphas), accuracy=accs, best_alpha=alphas[best], best_accuracy=accs[best])
+    alphas, outputs, passes = sorted(alphas), dict(known or {}), []
+    def accuracy(i):
+        a = alphas[i]
+        if a not in outputs:
+            model.load_state_dict(wise_ft_state(zs, ft, a))
+            outputs[a] = predict_logits(model, dl, progress, f'WiSE-FT alpha {a:g} (pass {len(passes) + 1})', precision); passes.append(a)
+        logits, y = outputs[a]
+        return float((logits.argmax(-1) == y).float().mean())
+    if search: best, scored = fibonacci_argmax(accuracy, len(alphas))
+    else:
+        scored = {i: accuracy(i) for i in range(len(alphas))}; best = max(scored, key=scored.get)
+    return dict(alphas=[alphas[i] for i in sorted(scored)], accuracy=[scored[i] for i in sorted(scored)], best_alpha=alphas[best],
+                best_accuracy=scored[best], passes=len(passes), grid=alphas, best_logits=outputs[alphas[best]])
 
 def plot_wise_ft(curve:dict, path:str|Path|None=None):
     "Validation accuracy against the blend weight `alpha`."
@@ -387,14 +422,36 @@ def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding th
                    alphas:Sequence[float], # blend weights to score
                    meta:dict, # saved with the blend
                    out:Path, # gets wise_ft.pt and wise_ft.png
+                   precision:str='fp32', # of the validation passes
+                   known:dict|None=None, # alpha -> (logits, targets) already computed on `dl`
                   ) -> dict:
-    "Score the WiSE-FT blends on validation, keep the best in `model`, save it and its curve."
+    "Search the WiSE-FT blends on validation, keep the best in `model`, save it (with its validation logits) and the curve of those scored."
     ft_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    curve = wise_ft_curve(model, zs_state, ft_state, dl, alphas)
+    curve = wise_ft_curve(model, zs_state, ft_state, dl, alphas, precision=precision, search=True, known=known)
+    logits = curve.pop('best_logits')
     model.load_state_dict(wise_ft_state(zs_state, ft_state, curve['best_alpha']))
     save_classifier(model, meta | {'wise_alpha': curve['best_alpha']}, out/'wise_ft.pt')
+    save_valid_logits(out/'wise_ft.pt', *logits, precision)
     plot_wise_ft(curve, out/'wise_ft.png')
     return curve
+
+def save_valid_logits(model_file:Path, # the classifier file they belong to
+                      logits:torch.Tensor, targets:torch.Tensor, # its pass over the validation split, in manifest order
+                      precision:str) -> Path:
+    "Keep a model's validation logits in `valid_logits.pt` beside it, keyed by the file's sha256: evaluation reuses them."
+    return atomic_save(dict(model_sha256=file_sha256(model_file), logits=logits, targets=targets, precision=precision),
+                       Path(model_file).parent/'valid_logits.pt')
+
+def saved_valid_logits(model_file:Path, # a classifier file
+                       targets:torch.Tensor, # the validation split's targets, in manifest order
+                       precision:str, # the precision the caller would run at
+                      ) -> torch.Tensor|None:
+    "The validation logits training kept for exactly this model file, split and precision; None if there are none such."
+    f = Path(model_file).parent/'valid_logits.pt'
+    if not f.is_file(): return None
+    d = torch.load(f, map_location='cpu', weights_only=True)
+    same = d['model_sha256'] == file_sha256(model_file) and d['precision'] == precision and torch.equal(d['targets'], targets)
+    return d['logits'] if same else None
 
 # %% ../nbs/03_train.ipynb #980db86e
 def train(cfg:Config, # all parameters
@@ -428,6 +485,9 @@ def train(cfg:Config, # all parameters
         if dls.bs > per_rank: raise DataSourceError(f'batch size {dls.bs} is larger than the {per_rank} training images each of the {num_distrib()} processes gets')
     if mode == 'fsdp': shard_model(model)
     learn = build_learner(cfg, dls, model, out)
+    precision = dict(train=amp_mode(cfg.train.precision, device) or 'fp32', valid=resolve_precision(cfg.precision, device))
+    get_logger('train').info(f"precision on {device.type}: training {precision['train']} (train.precision={cfg.train.precision}), "
+                             f"validation passes {precision['valid']} (precision={cfg.precision})")
     if mode == 'ddp': learn.add_cb(HarDistributedTrainer(sync_bn=False, cpu=device.type == 'cpu'))
     if mode == 'fsdp': learn.add_cb(ShardedDataTrainer())
     if (not progress or rank) and hasattr(learn, 'progress'): learn.remove_cb(learn.progress)
@@ -444,7 +504,7 @@ def train(cfg:Config, # all parameters
     try: fit_stages(learn, cfg, state, ckpt.get('opt') if ckpt else None, cbs)
     except BaseException: tracker.end('FAILED'); raise
     final_weights = full_state_dict(learn.model)
-    summary = dict(meta, batches=state.batches, epochs=len(state.history), seconds=round(time.time() - t0, 1), world_size=max(1, num_distrib()),
+    summary = dict(meta, precision=precision, batches=state.batches, epochs=len(state.history), seconds=round(time.time() - t0, 1), world_size=max(1, num_distrib()),
                    distributed=mode, history=state.history)
     if mode:
         import hashlib
@@ -470,13 +530,14 @@ def train(cfg:Config, # all parameters
     valid_rows = read_manifest(manifest, cfg.data.labels).query("split == 'valid'")
     vdl = eval_dataloader(valid_rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
     plain.to(device)
-    logits, y = predict_logits(plain, vdl, progress=False, task='train: final valid pass')
+    logits, y = predict_logits(plain, vdl, progress=False, task='train: final valid pass', precision=precision['valid'])
     summary['valid_accuracy'] = float((logits.argmax(-1) == y).float().mean())
     summary['chance'] = 1 / len(cfg.data.labels)
     artifacts = [out/'model.pt', out/'history.csv', out/'params.yaml']
     if zs_state is not None and cfg.train.head == 'linear':
-        summary['wise_ft'] = select_wise_ft(plain, zs_state, vdl, cfg.train.wise_alphas, meta, out)
+        summary['wise_ft'] = select_wise_ft(plain, zs_state, vdl, cfg.train.wise_alphas, meta, out, precision['valid'], known={1.0: (logits, y)})
         artifacts += [out/'wise_ft.pt', out/'wise_ft.png']
+    else: save_valid_logits(out/'model.pt', logits, y, precision['valid'])
     h = state.history
     summary.update(first_train_loss=h[0]['train_loss'] if h else None, last_train_loss=h[-1]['train_loss'] if h else None)
     final = out/'wise_ft.pt' if 'wise_ft' in summary else out/'model.pt'
