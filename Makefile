@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := CLIP_HAR_BENCH=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DO_NOT_TRACK=1
 DEMO_SOURCE := $(shell [ -f ../shared/data/har-mini/labels.csv ] && echo ../shared/data/har-mini || echo nbs/fixtures/har-tiny)
 
-.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train bench-infer bench-serve serve clean
+.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train bench-infer bench-serve bench-pipeline serve clean
 
 $(STAMP): settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench-model: install
 ## Every inference backend side by side (ViT-B/32 shapes, random weights): outputs/benchmark/benchmark.md
 bench-infer: install
 	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/clip-har benchmark --set device=cpu --out outputs/benchmark
+
+## The main job's stages with ViT-B-16 on a rehearsal cache (120 har-mini photos), as before / fp32 / bf16 side by side: seconds,
+## images/s and peak memory per stage, projected to the 12,600 Hub images: outputs/benchmark/pipeline/pipeline.md (about 30 minutes)
+bench-pipeline: install
+	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/python -c "from clip_har.pipeline import benchmark_pipeline; benchmark_pipeline()"
 
 ## The HTTP service: dynamic batching vs batch-1 at concurrency 1, 8, 32; served vs raw Predictor throughput
 ## (tiny model and ViT-B/32 shapes, random weights): outputs/benchmark/serving-*/serving.md

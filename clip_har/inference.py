@@ -24,13 +24,13 @@ __all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inpu
 # %% ../nbs/07_inference.ipynb #ec63c011
 class _TorchRunner:
     "The PyTorch backend: the classifier file, run eagerly."
-    def __init__(self, model_path, device='cpu'):
+    def __init__(self, model_path, device='cpu', precision='fp32'):
         from clip_har.train import load_classifier, read_classifier_meta
-        self.meta, self.device = read_classifier_meta(model_path), torch.device(device)
+        self.meta, self.device, self.precision = read_classifier_meta(model_path), torch.device(device), precision
         self.classifier = load_classifier(model_path).to(self.device).eval()
         self.graph, self._text = ImageGraph(self.classifier), None
     def __call__(self, x:np.ndarray):
-        with torch.no_grad(): return [o.cpu().numpy() for o in self.graph(torch.from_numpy(x).to(self.device))]
+        with torch.no_grad(), autocast(self.precision, self.device): return [o.float().cpu().numpy() for o in self.graph(torch.from_numpy(x).to(self.device))]
     def text(self, tokens:np.ndarray):
         if self._text is None: self._text = TextGraph(backbone_from_meta(self.meta, device=self.device).model).eval()
         with torch.no_grad(): return [self._text(torch.from_numpy(tokens).to(self.device)).cpu().numpy()]
@@ -41,14 +41,15 @@ class Predictor:
                  backend:str|None=None, # must match the model's (default: whatever the model is)
                  device:str='cpu', # PyTorch/TorchScript device
                  providers:Sequence[str]|None=None, # ONNX Runtime providers (default: CPU)
+                 precision:str='auto', # a classifier file's arithmetic (see `resolve_precision`); an export has its own
                 ):
         if backend is not None and backend not in BACKENDS: raise ExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if backend == 'tensorrt': tensorrt()
         path = Path(model)
         if path.is_file() and path.name != 'manifest.json':
             if backend not in (None, 'pytorch'): raise ExportError(f'{path} is a PyTorch classifier file; run `clip-har export` to get a {backend} model')
-            run = _TorchRunner(path, device)
-            self.manifest = dict(backend='pytorch', precision='fp32', model=run.meta['model'], labels=run.classifier.labels,
+            run = _TorchRunner(path, device, resolve_precision(precision, device))
+            self.manifest = dict(backend='pytorch', precision=run.precision, model=run.meta['model'], labels=run.classifier.labels,
                                  smoke_run=run.meta.get('pretrained') is None or run.meta['model'] == TINY_MODEL,
                                  preprocess=run.classifier.preprocess, folder=str(path.parent), source_model=str(path))
             self._image, self._text_run = run, run.text
@@ -326,7 +327,7 @@ def benchmark_models(targets:Sequence[tuple[str, str]], # (label, model) pairs; 
         r = json.loads(line[7:])
         results.append(r)
         print(f"{label:18} " + '  '.join(f"bs{row['batch']}: p50 {row['p50_ms']:.1f} ms" for row in r['rows']) + f"  peak {r['peak_mem_mb']:.0f} MB")
-    rows = [dict(backend=label, peak_mem_mb=round(r['peak_mem_mb']), **row) for (label, _), r in zip(targets, results) for row in r['rows']]
+    rows = [dict(backend=label, precision=r['precision'], peak_mem_mb=round(r['peak_mem_mb']), **row) for (label, _), r in zip(targets, results) for row in r['rows']]
     df = pd.DataFrame(rows)
     if (df.backend == 'pytorch').any():
         base = df[df.backend == 'pytorch'].set_index('batch').p50_ms

@@ -16,10 +16,11 @@ import yaml
 from .core import *
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'HUB_DATASET', 'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named',
-           'dvc_yaml', 'write_dvc_yaml', 'missing_stage_params', 'notebooks_dir', 'stage_notebook', 'run_notebook',
-           'log_run_records', 'run_stage', 'dataset_cached', 'weights_cached', 'preflight', 'rehearsal_dataset',
-           'rehearsal_weights', 'dvc', 'run_pipeline', 'write_demo_params', 'registry_classifier', 'retrain_gate',
+__all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'HUB_DATASET', 'FULL_SPLITS', 'PIPELINE_VARIANTS', 'DEMO_OVERRIDES',
+           'PipelineError', 'Stage', 'stage_named', 'dvc_yaml', 'write_dvc_yaml', 'missing_stage_params',
+           'notebooks_dir', 'stage_notebook', 'run_notebook', 'log_run_records', 'run_stage', 'dataset_cached',
+           'weights_cached', 'preflight', 'rehearsal_dataset', 'rehearsal_weights', 'task_split', 'stage_costs',
+           'benchmark_pipeline', 'dvc', 'run_pipeline', 'write_demo_params', 'registry_classifier', 'retrain_gate',
            'retrain']
 
 # %% ../nbs/10_pipeline.ipynb #b4d1c8d2
@@ -309,6 +310,86 @@ def rehearsal_weights(hf_home:str|Path, # becomes HF_HOME
     repo = Path(hf_home)/'hub'/f"models--{hf.replace('/', '--')}"
     _hub_file(repo, revision, 'open_clip_model.safetensors', data)
     return repo/'snapshots'/revision/'open_clip_model.safetensors'
+
+# %% ../nbs/10_pipeline.ipynb #d08c43bc
+FULL_SPLITS = dict(train=8825, valid=1889, test=1886)  # the Hub dataset's 12,600 labelled images as `prepare` splits them
+
+def task_split(task:str) -> str|None:
+    "The split a progress task works through (None: a fixed amount of work, such as an export)."
+    t = task.lower()
+    if 'export' in t or 'benchmark' in t: return None
+    if 'valid' in t or 'wise-ft' in t: return 'valid'
+    if 'test' in t: return 'test'
+    return 'train' if 'train' in t else None
+
+def stage_costs(progress_file:str|Path, # a stage's progress records
+                wall:float, # the stage's measured seconds
+                sizes:dict, # images per split in the measured run
+                full:dict=FULL_SPLITS, # images per split to project to
+               ) -> dict:
+    "A stage's measured seconds, images and images/s, and its seconds projected to `full` split sizes."
+    last = {}
+    if Path(progress_file).is_file():
+        for line in Path(progress_file).read_text().splitlines(): r = json.loads(line); last[r['task']] = r
+    busy = projected = images = 0.0
+    for r in last.values():
+        secs = r['t'] - r['started'] if r.get('started') is not None else 0.0
+        split = task_split(r['task'])
+        busy += secs; images += r.get('images') or (r['done'] if r['unit'] == 'images' else 0)
+        projected += secs * (full[split] / sizes[split] if split and sizes.get(split) else 1)
+    rest = max(wall - busy, 0.0)
+    return dict(seconds=round(wall, 1), images=int(images), images_per_s=round(images / busy, 2) if busy and images else None,
+                projected_min=round((rest + projected) / 60, 1))
+
+# %% ../nbs/10_pipeline.ipynb #4079fb9f
+PIPELINE_VARIANTS = {  # name -> overrides; "before" is the job as it was: fp32, the head stage on images, every WiSE-FT alpha scored
+    'before': {'precision': 'fp32', 'train.precision': 'fp32', 'train.head_on_features': False, 'train.wise_search': False},
+    'fp32': {'precision': 'fp32', 'train.precision': 'fp32'},
+    'bf16': {'precision': 'bf16', 'train.precision': 'bf16'},
+}
+
+def _run_measured(cmd:list, cwd:Path, env:dict, log:Path) -> tuple[float, float]:
+    "Run `cmd`; its wall seconds and the peak resident memory (MB) of its process tree, sampled every 0.2 s."
+    import psutil
+    t0, peak = time.time(), 0.0
+    with open(log, 'w') as f, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT) as p:
+        proc = psutil.Process(p.pid)
+        while p.poll() is None:
+            try: peak = max(peak, sum(q.memory_info().rss for q in [proc, *proc.children(recursive=True)]) / 2**20)
+            except psutil.Error: pass
+            time.sleep(0.2)
+    if p.returncode: raise PipelineError(f"{' '.join(map(str, cmd))} failed in {cwd}: see {log}")
+    return time.time() - t0, peak
+
+def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the runs, pipeline.md/.json and the rehearsal cache
+                       source:str|Path|None=None, # photos for the rehearsal cache (default: har-mini, else the fixtures)
+                       per_class:int=4, # photos per class (each also mirrored)
+                       variants:Mapping[str, Mapping]=PIPELINE_VARIANTS, # name -> params.yaml overrides
+                       stages:Sequence[str]=STAGE_NAMES) -> 'pd.DataFrame':
+    "Run the main job's stages (ViT-B-16, rehearsal cache) once per variant; per stage: seconds, images/s, peak memory, full-scale projection."
+    import pandas as pd
+    out = Path(out_dir).resolve(); hf = out/'hf'
+    if not (hf/'datasets').is_dir(): rehearsal_dataset(hf, source, per_class); rehearsal_weights(hf)
+    env = {**os.environ, 'HF_HOME': str(hf), 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'WANDB_MODE': 'offline',
+           'PATH': f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    base, rows = repo_root()/'params.yaml', []
+    for name, over in variants.items():
+        work = out/name; shutil.rmtree(work, ignore_errors=True); work.mkdir(parents=True)
+        save_config(load_config(base, dict(over)), work/'params.yaml')
+        for stage in stages:
+            wall, peak = _run_measured([Path(sys.executable).parent/'clip-har', 'pipeline', '--stage', stage], work, env, work/f'{stage}.log')
+            sizes = pd.read_csv(work/'data'/'prepared'/'manifest.csv').split.value_counts().to_dict()
+            nb = Path(stage_named(stage).notebook).stem
+            rows.append(dict(variant=name, stage=stage, **stage_costs(work/'outputs'/'runs'/f'{nb}.progress.jsonl', wall, sizes), peak_rss_mb=round(peak)))
+            print(f"{name:7} {stage:9} {rows[-1]['seconds']:7.1f} s  {rows[-1]['images_per_s'] or '':>6} img/s  {peak:6.0f} MB  -> {rows[-1]['projected_min']:6.1f} min at full scale", flush=True)
+    df = pd.DataFrame(rows)
+    table = df.pivot(index='stage', columns='variant', values='projected_min').reindex(list(stages))[list(variants)]
+    table.loc['total'] = table.sum()
+    (out/'pipeline.json').write_text(json.dumps(dict(sizes=sizes, full=FULL_SPLITS, cpu_count=os.cpu_count(), rows=rows), indent=2))
+    (out/'pipeline.md').write_text(f"# The main job's stages, ViT-B-16, {os.cpu_count()} cores\n\nMeasured on {sizes} images:\n\n"
+                                   + df.to_markdown(index=False) + f"\n\nProjected minutes at full scale ({FULL_SPLITS}):\n\n" + table.to_markdown() + '\n')
+    print(table.to_markdown())
+    return df
 
 # %% ../nbs/10_pipeline.ipynb #9e567dc8
 def dvc(*args:str, folder:str|Path='.',

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy, json, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Sequence
 
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
@@ -31,10 +32,11 @@ from .tracking import Tracker, TrackerCallback, lineage
 __all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'flyp_splitter', 'amp_mode',
            'AnyDeviceMixedPrecision', 'build_model', 'build_learner', 'atomic_save', 'unwrap', 'full_state_dict',
            'plain_containers', 'load_opt_state', 'RunState', 'TrainState', 'ProgressReport', 'CheckpointError',
-           'read_train_checkpoint', 'stage_lrs', 'fit_stages', 'fibonacci_argmax', 'wise_ft_state', 'wise_ft_curve',
-           'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog', 'ShardedDataTrainer', 'shard_model',
-           'distributed_mode', 'init_distributed', 'save_classifier', 'read_classifier_meta', 'load_classifier',
-           'select_wise_ft', 'save_valid_logits', 'saved_valid_logits', 'train', 'benchmark_training']
+           'read_train_checkpoint', 'HeadOnFeatures', 'feature_dataloaders', 'head_on_features', 'stage_lrs',
+           'fit_stages', 'fibonacci_argmax', 'wise_ft_state', 'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL',
+           'HarDistributedTrainer', 'ShardLog', 'ShardedDataTrainer', 'shard_model', 'distributed_mode',
+           'init_distributed', 'save_classifier', 'read_classifier_meta', 'load_classifier', 'select_wise_ft',
+           'save_valid_logits', 'saved_valid_logits', 'train', 'benchmark_training']
 
 # %% ../nbs/03_train.ipynb #3dff374f
 def flyp_loss(logits:torch.Tensor, # (B, C) class logits: scale x cosine(image, class prompt)
@@ -229,6 +231,34 @@ def read_train_checkpoint(path:str|Path, # a `last.pt` or `best.pt`
         if diff: raise CheckpointError(f'{path}: made for another run: ' + '; '.join(f'{k} is {a!r} there, {b!r} here' for k, (a, b) in diff.items()))
     return ckpt
 
+# %% ../nbs/03_train.ipynb #10ce6be2
+class HeadOnFeatures(nn.Module):
+    "A `ClipClassifier` seen through its head: inputs are the frozen tower's features; its state is the whole classifier's."
+    def __init__(self, classifier:ClipClassifier): super().__init__(); self.classifier = classifier
+    def forward(self, feats:torch.Tensor) -> torch.Tensor: return self.classifier.head(feats)
+    def state_dict(self, *args, **kwargs): return self.classifier.state_dict(*args, **kwargs)
+    def load_state_dict(self, sd, strict:bool=True, **kwargs): return self.classifier.load_state_dict(sd, strict, **kwargs)
+
+def feature_dataloaders(learn:Learner, # holds a `ClipClassifier` and image DataLoaders
+                        precision:str='fp32', # of the feature pass
+                       ):
+    "fastai DataLoaders of the image tower's features of every training and validation image, computed once, un-augmented."
+    from fastai.data.core import DataLoaders
+    from torch.utils.data import TensorDataset
+    clf, dls = unwrap(learn.model), learn.dls
+    def features(rows, what):
+        dl = eval_dataloader(rows, dls.vocab, clf.preprocess, dls.bs, 0, dls.device)
+        return TensorDataset(*predict_logits(clf.visual, dl, False, f'train head: features of the {what} images', precision))
+    return DataLoaders.from_dsets(features(dls.train.items, 'training'), features(dls.valid.items, 'validation'), bs=dls.bs, device=dls.device)
+
+@contextmanager
+def head_on_features(learn:Learner, precision:str='fp32'):
+    "Within: `learn` trains its classifier's head on cached features; after: on images again."
+    model, dls = learn.model, learn.dls
+    learn.dls, learn.model = feature_dataloaders(learn, precision), HeadOnFeatures(unwrap(model))
+    try: yield learn
+    finally: learn.model, learn.dls = model, dls
+
 # %% ../nbs/03_train.ipynb #f2d64dd3
 FREEZE_TO = {'head': -1, 'top': -2, 'all': 0}
 
@@ -242,11 +272,12 @@ def fit_stages(learn:Learner, # from `build_learner`
                state:RunState, # where the run is (a fresh one, or from a checkpoint)
                opt_state:dict|None=None, # the optimiser state to resume with
                extra_cbs:Sequence[Callback]=(), # e.g. trackers and `TrainState`
+               precision:str='fp32', # of the feature pass of a `head` stage on features
               ) -> RunState:
     "Train every stage of `cfg.train.run_stages` from where `state` says the run is."
-    with torch.enable_grad(): return _fit_stages(learn, cfg, state, opt_state, extra_cbs)
+    with torch.enable_grad(): return _fit_stages(learn, cfg, state, opt_state, extra_cbs, precision)
 
-def _fit_stages(learn, cfg, state, opt_state, extra_cbs):
+def _fit_stages(learn, cfg, state, opt_state, extra_cbs, precision='fp32'):
     t = cfg.train
     if learn.opt is None: learn.create_opt()
     for i, stage in enumerate(t.run_stages):
@@ -260,8 +291,10 @@ def _fit_stages(learn, cfg, state, opt_state, extra_cbs):
         if t.patience: cbs.append(EarlyStoppingCallback(monitor=t.monitor, comp=np.less if t.monitor == 'valid_loss' else np.greater, patience=t.patience))
         lrs = stage_lrs(learn, stage.lr, t.lr_mult)
         get_logger('train').info(f"stage {i + 1}/{len(t.run_stages)} '{stage.name}' ({stage.train}): {stage.epochs} epochs from epoch {start}, peak lr {stage.lr:g}")
-        if t.schedule == 'one_cycle': learn.fit_one_cycle(stage.epochs, lrs, start_epoch=start, cbs=cbs)
-        else: learn.fit_flat_cos(stage.epochs, lrs, pct_start=0.0, start_epoch=start, cbs=cbs)
+        on_features = stage.train == 'head' and t.head_on_features and isinstance(unwrap(learn.model), ClipClassifier) and not num_distrib()
+        with (head_on_features(learn, precision) if on_features else nullcontext()):
+            if t.schedule == 'one_cycle': learn.fit_one_cycle(stage.epochs, lrs, start_epoch=start, cbs=cbs)
+            else: learn.fit_flat_cos(stage.epochs, lrs, pct_start=0.0, start_epoch=start, cbs=cbs)
     state.stage, state.epoch = len(t.run_stages), 0
     return state
 
@@ -424,10 +457,11 @@ def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding th
                    out:Path, # gets wise_ft.pt and wise_ft.png
                    precision:str='fp32', # of the validation passes
                    known:dict|None=None, # alpha -> (logits, targets) already computed on `dl`
+                   search:bool=True, # Fibonacci search (False: score every alpha)
                   ) -> dict:
     "Search the WiSE-FT blends on validation, keep the best in `model`, save it (with its validation logits) and the curve of those scored."
     ft_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    curve = wise_ft_curve(model, zs_state, ft_state, dl, alphas, precision=precision, search=True, known=known)
+    curve = wise_ft_curve(model, zs_state, ft_state, dl, alphas, precision=precision, search=search, known=known)
     logits = curve.pop('best_logits')
     model.load_state_dict(wise_ft_state(zs_state, ft_state, curve['best_alpha']))
     save_classifier(model, meta | {'wise_alpha': curve['best_alpha']}, out/'wise_ft.pt')
@@ -501,7 +535,7 @@ def train(cfg:Config, # all parameters
     if mode == 'ddp': cbs.append(shard_log)
     t0 = time.time()
     learn.model.to(device)
-    try: fit_stages(learn, cfg, state, ckpt.get('opt') if ckpt else None, cbs)
+    try: fit_stages(learn, cfg, state, ckpt.get('opt') if ckpt else None, cbs, precision['valid'])
     except BaseException: tracker.end('FAILED'); raise
     final_weights = full_state_dict(learn.model)
     summary = dict(meta, precision=precision, batches=state.batches, epochs=len(state.history), seconds=round(time.time() - t0, 1), world_size=max(1, num_distrib()),
@@ -535,7 +569,8 @@ def train(cfg:Config, # all parameters
     summary['chance'] = 1 / len(cfg.data.labels)
     artifacts = [out/'model.pt', out/'history.csv', out/'params.yaml']
     if zs_state is not None and cfg.train.head == 'linear':
-        summary['wise_ft'] = select_wise_ft(plain, zs_state, vdl, cfg.train.wise_alphas, meta, out, precision['valid'], known={1.0: (logits, y)})
+        summary['wise_ft'] = select_wise_ft(plain, zs_state, vdl, cfg.train.wise_alphas, meta, out, precision['valid'], known={1.0: (logits, y)},
+                                            search=cfg.train.wise_search)
         artifacts += [out/'wise_ft.pt', out/'wise_ft.png']
     else: save_valid_logits(out/'model.pt', logits, y, precision['valid'])
     h = state.history
