@@ -31,11 +31,11 @@ def test_every_backend_agrees_with_pytorch(exported):
     from clip_har.inference import Predictor
     from clip_har.data import image_batch
     exp = exported/'out'/'export'
-    assert sorted(p.name for p in exp.iterdir()) == ['onnx-fp16', 'onnx-fp32', 'onnx-int8', 'torchscript-fp32']
+    assert sorted(p.name for p in exp.iterdir()) == ['onnx-fp16', 'onnx-fp32', 'onnx-int8', 'summary.json', 'summary.md', 'torchscript-fp32']
     photos = sorted(fixtures_dir().rglob('*.jpg'))
-    ref = Predictor(exported/'out'/'train'/'wise_ft.pt')
+    ref = Predictor(exported/'out'/'train'/'wise_ft.pt', precision='fp32')  # parity is measured against fp32 PyTorch
     p_ref = ref.scores(image_batch(photos, ref.preprocess).numpy())
-    for folder in sorted(exp.iterdir()):
+    for folder in sorted(p for p in exp.iterdir() if p.is_dir()):
         pr = Predictor(folder)
         p = pr.scores(image_batch(photos, pr.preprocess).numpy())
         man = json.loads((folder/'manifest.json').read_text())

@@ -67,7 +67,7 @@ def test_dvc_after_the_demo(demo, tmp_path):
     exps = list(csv.DictReader(io.StringIO(run(BIN/'dvc', 'exp', 'show', '--csv', cwd=demo, check=True).stdout)))
     exp = next(e for e in exps if e['Experiment'])  # the experiment's row: its params and its metrics, for comparing sweep points
     top1 = json.loads((demo/'outputs/evaluate/metrics.json').read_text())['top1']
-    assert exp['demo/params.yaml:train.epochs'] == '2' and abs(float(exp['top1']) - top1) < 1e-9, exp
+    assert exp['train.epochs'] == '2' and abs(float(exp['top1']) - top1) < 1e-9, exp
 
 def _centroid_model(src: Path, dst: Path, rows, shift: int = 0) -> Path:
     """A copy of a trained classifier whose head is the nearest class centroid of `rows`' images (the test split itself:

@@ -66,7 +66,7 @@ def test_sigkill_mid_run_then_resume(prepared, tmp_path):
     (['--set', 'train.stages=[{name: a, train: all, epochs: 0, lr: 1.0e-3}]'], "'train.stages.0.epochs': Input should be greater than 0"),
     (['--set', 'data.batch_size=100000'], 'batch size 100000 is larger than the'),
     (['--resume', '/no/such/last.pt'], 'no such checkpoint to resume from'),
-    (['--set', 'train.precision=bf16'], 'train.precision=bf16 needs a CUDA device'),
+    (['--set', 'train.precision=fp16'], 'precision fp16 needs a CUDA device'),
 ])
 def test_train_bad_input(prepared, extra, message):
     r = clip_har('train', *_paths(prepared), *SMOKE, *extra, '-q')
