@@ -16,7 +16,8 @@ from .data import IMAGE_EXTS
 
 # %% auto #0
 __all__ = ['LocalSource', 'RemoteSource', 'find_models', 'open_source', 'prediction_chart', 'read_inputs', 'predict_many',
-           'latest_evaluation', 'Dashboard', 'dashboard_notebook', 'dashboard_command', 'stop_tree', 'run_dashboard']
+           'latest_evaluation', 'Dashboard', 'export_summary_html', 'dashboard_notebook', 'dashboard_command',
+           'stop_tree', 'run_dashboard']
 
 # %% ../nbs/09_dashboard.ipynb #73916e8d
 class LocalSource:
@@ -59,7 +60,7 @@ def find_models(out_dir:str|Path='outputs', # the pipeline's output folder
                 registered:str='clip-har', # the registered model name
                ) -> dict[str, str]:
     "Display name -> model location, the best first: the champion, the fp32 export, the trained model, then the rest."
-    out, ranked = Path(out_dir), []  # (rank, order found, name, location)
+    out, ranked = Path(out_dir), []  # (rank, name, location); a stable sort keeps each rank in the order found
     for man in sorted(out.glob('export/*/manifest.json')):
         m = json.loads(man.read_text())
         ranked.append((1 if man.parent.name == 'onnx-fp32' else 3, f"export {man.parent.name} ({m['model']})", str(man.parent)))
@@ -287,10 +288,10 @@ def apply_labels(self:Dashboard, text:str|None):
 
 @patch
 def show_performance(self:Dashboard):
-    "Fill the Performance tab from the latest evaluation."
+    "Fill the Performance tab from the latest evaluation and the exports' parity summary."
     ev = latest_evaluation(self.out)
     if ev is None:
-        self.perf.value = '<p>No evaluation yet: run <code>clip-har evaluate</code> (or <code>make demo</code>).</p>'; return
+        self.perf.value = '<p>No evaluation yet: run <code>clip-har evaluate</code> (or <code>make demo</code>).</p>' + export_summary_html(self.out); return
     m = ev['metrics']
     head = ' · '.join(f'{k} <b>{v:.3f}</b>' for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     plots = ''.join(_img_html(ev['plots'][n].read_bytes(), 'image/png', 420, n) for n in ('confusion_matrix', 'reliability') if n in ev['plots'])
@@ -304,7 +305,17 @@ def show_performance(self:Dashboard):
                              f'{html.escape(str(r.get("label", "")))} → {html.escape(str(r.get("predicted", "")))}</figcaption></figure>')
         mistakes = '<h4>Worst mistakes</h4><div style="display:flex;gap:.5rem;flex-wrap:wrap">' + ''.join(cells) + '</div>'
     self.perf.value = (f'<p>{head}</p><div style="display:flex;gap:1rem;flex-wrap:wrap">{plots}</div>'
-                       + '<h4>Per class</h4>' + ev['per_class'].round(3).to_html(index=False) + mistakes)
+                       + '<h4>Per class</h4>' + ev['per_class'].round(3).to_html(index=False) + mistakes + export_summary_html(self.out))
+
+def export_summary_html(out_dir:str|Path) -> str:
+    "The exports' parity with PyTorch as an HTML table: those written, and those refused with the reason ('' before any export)."
+    f = Path(out_dir)/'export'/'summary.json'
+    if not f.is_file(): return ''
+    s = json.loads(f.read_text())
+    rows = [dict(export=r['export'], status='written', top1_agreement=r['top1_agreement'], max_abs_diff=r['max_abs_diff'], reason='') for r in s['exported']]
+    rows += [dict(export=f"{r['backend']}-{r['precision']}", status='refused', top1_agreement=r['parity']['top1_agreement'],
+                  max_abs_diff=r['parity']['max_abs_diff'], reason=r['reason']) for r in s['refused']]
+    return '<h4>Exports: parity with PyTorch</h4>' + pd.DataFrame(rows).round(4).to_html(index=False, classes='clip-har-exports')
 
 @patch
 def show_webcam(self:Dashboard):

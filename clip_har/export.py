@@ -280,7 +280,7 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
     text = TextGraph(clip.model).eval()
     image = ImageGraph(clf).eval()
     x_val = image_batch(validation_images, clf.preprocess).numpy()
-    x_cal = image_batch(calibration_images, clf.preprocess).numpy()
+    x_cal = image_batch(calibration_images, clf.preprocess).numpy() if 'tensorrt' in formats else None  # TensorRT's int8 calibrates
     with torch.no_grad(): ref = np.concatenate([image(torch.from_numpy(b))[0].numpy() for b in _batches(x_val)])
     example = torch.from_numpy(x_val[:2])
     tokens = clip.tokenizer(['a photo of a person calling.', 'a photo of someone eating.'])

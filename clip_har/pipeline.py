@@ -324,19 +324,23 @@ def task_split(task:str) -> str|None:
 
 def stage_costs(progress_file:str|Path, # a stage's progress records
                 wall:float, # the stage's measured seconds
-                sizes:dict, # images per split in the measured run
                 full:dict=FULL_SPLITS, # images per split to project to
                ) -> dict:
-    "A stage's measured seconds, images and images/s, and its seconds projected to `full` split sizes."
-    last = {}
+    "A stage's measured seconds, images and images/s, and its seconds projected to `full` split sizes (each task at its warm rate)."
+    first, last = {}, {}
     if Path(progress_file).is_file():
-        for line in Path(progress_file).read_text().splitlines(): r = json.loads(line); last[r['task']] = r
+        for line in Path(progress_file).read_text().splitlines():
+            r = json.loads(line); first.setdefault(r['task'], r); last[r['task']] = r
+    count = lambda r: r.get('images') or (r['done'] if r['unit'] == 'images' else 0)
     busy = projected = images = 0.0
-    for r in last.values():
+    for task, r in last.items():
         secs = r['t'] - r['started'] if r.get('started') is not None else 0.0
-        split = task_split(r['task'])
-        busy += secs; images += r.get('images') or (r['done'] if r['unit'] == 'images' else 0)
-        projected += secs * (full[split] / sizes[split] if split and sizes.get(split) else 1)
+        split, n, f = task_split(task), count(r), first[task]
+        busy += secs; images += n
+        if not split or not n: projected += secs; continue
+        if count(f) < n and r['t'] > f['t']:  # warm rate: from the first record on (the first batch also pays for kernel set-up)
+            projected += (f['t'] - r['started']) + (full[split] - count(f)) * (r['t'] - f['t']) / (n - count(f))
+        else: projected += secs * full[split] / n  # a training epoch uses the images that fill whole batches
     rest = max(wall - busy, 0.0)
     return dict(seconds=round(wall, 1), images=int(images), images_per_s=round(images / busy, 2) if busy and images else None,
                 projected_min=round((rest + projected) / 60, 1))
@@ -380,7 +384,7 @@ def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the
             wall, peak = _run_measured([Path(sys.executable).parent/'clip-har', 'pipeline', '--stage', stage], work, env, work/f'{stage}.log')
             sizes = pd.read_csv(work/'data'/'prepared'/'manifest.csv').split.value_counts().to_dict()
             nb = Path(stage_named(stage).notebook).stem
-            rows.append(dict(variant=name, stage=stage, **stage_costs(work/'outputs'/'runs'/f'{nb}.progress.jsonl', wall, sizes), peak_rss_mb=round(peak)))
+            rows.append(dict(variant=name, stage=stage, **stage_costs(work/'outputs'/'runs'/f'{nb}.progress.jsonl', wall), peak_rss_mb=round(peak)))
             print(f"{name:7} {stage:9} {rows[-1]['seconds']:7.1f} s  {rows[-1]['images_per_s'] or '':>6} img/s  {peak:6.0f} MB  -> {rows[-1]['projected_min']:6.1f} min at full scale", flush=True)
     df = pd.DataFrame(rows)
     table = df.pivot(index='stage', columns='variant', values='projected_min').reindex(list(stages))[list(variants)]
