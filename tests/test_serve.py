@@ -210,7 +210,7 @@ def test_load_2000_requests_at_concurrency_32(server):
     assert one < total  # concurrent requests were batched
 
 def test_keys_and_rate_limits(model):
-    proc, url, _ = start(model, 'serve.rate_limit=60', 'serve.rate_burst=3',
+    proc, url, _ = start(model, 'serve.rate_limit=6', 'serve.rate_burst=3',  # a token per 10 s: no machine is slow enough to refill during the burst
                          extra_env={'CLIP_HAR_API_KEYS': 'user-1,user-2', 'CLIP_HAR_ADMIN_KEYS': 'admin-1'})
     try:
         files = {'file': ('a.jpg', JPG, 'image/jpeg')}
