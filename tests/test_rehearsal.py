@@ -119,22 +119,24 @@ def test_make_run_unmodified_on_the_rehearsal_cache(hf_home, checkout):
     r = run('make', 'run', f'VENV={venv}', cwd=checkout, timeout=2700, HF_HOME=str(hf_home))
     log = r.stdout + r.stderr
     print(f'make run on the rehearsal cache: {time.time() - t0:.0f} s')
-    (checkout/'outputs'/'make-run.log').write_text(log)
-    assert r.returncode == 0, log[-6000:]
-    assert re.findall(r"Running stage '(\w+)'", log) == STAGES, log[-3000:]
-    assert 'Traceback' not in log and 'QuickGELU mismatch' not in log and not re.search(r'open_clip\S*: \w*Warning', log), log[-3000:]
-    assert re.search(r'^\[train\] train head: epoch 1/1 · \d+/\d+ batches · [\d.]+ images/s · ETA', log, re.M), log[-3000:]  # the terminal saw training move
-    out = checkout/'outputs'
-    zs = json.loads((out/'zeroshot'/'metrics.json').read_text())
-    assert (zs['model'], zs['pretrained'], zs['smoke_run']) == ('ViT-B-16', 'openai', False)
-    meta = __import__('torch').load(out/'train'/'model.pt', map_location='cpu', weights_only=True)['meta']
-    assert meta['quick_gelu'] is True and meta['preprocess']['resize_mode'] == 'shortest'
-    summary = json.loads((out/'export'/'summary.json').read_text())
-    written = {e['export'] for e in summary['exported']}
-    assert 'onnx-fp32' in written and all((out/'export'/e/'manifest.json').is_file() for e in written)
-    for e in summary['refused']: assert not (out/'export'/f"{e['backend']}-{e['precision']}").exists()  # refused: not written
-    man = json.loads((out/'export'/'onnx-fp32'/'manifest.json').read_text())
-    assert man['quick_gelu'] is True and man['preprocess']['interpolation'] == 'bicubic'
-    bench = (out/'benchmark'/'benchmark.md').read_text()
-    assert 'onnx-fp32' in bench and all(f"{e['backend']}-{e['precision']}" in bench for e in summary['refused'])
-    print((out/'export'/'summary.md').read_text())
+    (checkout.parent/'make-run.log').write_text(log)  # kept: the checkout is removed at the end
+    try:
+        assert r.returncode == 0, log[-6000:]
+        assert re.findall(r"Running stage '(\w+)'", log) == STAGES, log[-3000:]
+        assert 'Traceback' not in log and 'QuickGELU mismatch' not in log and not re.search(r'open_clip\S*: \w*Warning', log), log[-3000:]
+        assert re.search(r'^\[train\] train head: epoch 1/1 · \d+/\d+ batches · [\d.]+ images/s · ETA', log, re.M), log[-3000:]  # the terminal saw training move
+        out = checkout/'outputs'
+        zs = json.loads((out/'zeroshot'/'metrics.json').read_text())
+        assert (zs['model'], zs['pretrained'], zs['smoke_run']) == ('ViT-B-16', 'openai', False)
+        meta = __import__('torch').load(out/'train'/'model.pt', map_location='cpu', weights_only=True)['meta']
+        assert meta['quick_gelu'] is True and meta['preprocess']['resize_mode'] == 'shortest'
+        summary = json.loads((out/'export'/'summary.json').read_text())
+        written = {e['export'] for e in summary['exported']}
+        assert 'onnx-fp32' in written and all((out/'export'/e/'manifest.json').is_file() for e in written)
+        for e in summary['refused']: assert not (out/'export'/f"{e['backend']}-{e['precision']}").exists()  # refused: not written
+        man = json.loads((out/'export'/'onnx-fp32'/'manifest.json').read_text())
+        assert man['quick_gelu'] is True and man['preprocess']['interpolation'] == 'bicubic'
+        bench = (out/'benchmark'/'benchmark.md').read_text()
+        assert 'onnx-fp32' in bench and all(f"{e['backend']}-{e['precision']}" in bench for e in summary['refused'])
+        print((out/'export'/'summary.md').read_text())
+    finally: shutil.rmtree(checkout, ignore_errors=True)  # several GB (checkpoints, models, exports, DVC's cache) on a disk the next runs share
