@@ -444,7 +444,7 @@ class ProgressWatcher:
                  out=None, # a text stream (default: sys.stderr at print time)
                  clock=time.time):
         self.path, self.label, self.every, self.out, self.clock = Path(path), label, every, out, clock
-        self.pos, self.last, self.task, self.printed = 0, None, None, clock()
+        self.pos, self.last, self.task, self.printed, self.new = 0, None, None, clock(), []
         self.started, self._stop = self.printed, threading.Event()
     def _read(self):
         if not self.path.is_file(): return
@@ -453,17 +453,21 @@ class ProgressWatcher:
             for line in f:
                 if not line.endswith('\n'): break  # a record still being written
                 self.pos += len(line.encode())
-                try: self.last = json.loads(line)
-                except json.JSONDecodeError: pass
+                try: rec = json.loads(line)
+                except json.JSONDecodeError: continue
+                self.last = rec
+                if self.new and self.new[-1]['task'] == rec['task']: self.new[-1] = rec
+                elif rec['task'] != self.task or self.new: self.new.append(rec)  # a task that began since the last line
     def poll(self) -> str|None:
-        "The line to print now, or None."
+        "The line(s) to print now, or None: one for each task that began since the last, else the newest every `every` s."
         self._read()
         now = self.clock()
-        changed = self.last is not None and self.last['task'] != self.task
-        if not changed and now - self.printed < self.every: return None
+        if self.new:  # however short a task was, it gets its line
+            lines, self.task, self.new, self.printed = [f'{self.label} {progress_line(r, now)}' for r in self.new], self.new[-1]['task'], [], now
+            return '\n'.join(lines)
+        if now - self.printed < self.every: return None
         self.printed = now
         if self.last is None: return f'{self.label} running · {_duration(now - self.started)} elapsed'
-        self.task = self.last['task']
         return f'{self.label} {progress_line(self.last, now)}'
     def _loop(self):
         while not self._stop.wait(1.0):
