@@ -18,7 +18,7 @@ __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROG
            'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything',
            'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'hub_offline', 'hub_reachable',
            'register_test_models', 'file_sha256', 'running_benchmarks', 'report_progress', 'progress_line',
-           'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir']
+           'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir', 'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -499,3 +499,11 @@ def har_mini_dir() -> Path|None:
     return next((p for p in cands if (p/'labels.csv').exists()), None)
 
 HAR_MINI_MISSING = 'har-mini is absent (../shared/data/har-mini or $CLIP_HAR_MINI): this check needs the 1,200 real images'
+
+# %% ../nbs/00_core.ipynb #7ab2351a
+def trained_model_path(train_dir:str|Path) -> Path:
+    "The final model of a training run: `wise_ft.pt` where WiSE-FT ran, else `model.pt`."
+    train_dir = Path(train_dir)
+    for name in ('wise_ft.pt', 'model.pt'):
+        if (train_dir/name).is_file(): return train_dir/name
+    raise ClipHarError(f'{train_dir}: no trained model here (model.pt or wise_ft.pt); run `clip-har train` first or pass --model')

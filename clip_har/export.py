@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 
 from .core import *
-from .data import image_batch
-from .model import backbone_from_meta, load_clip
+from .data import DataSourceError, image_batch, read_manifest
+from .model import backbone_from_meta, load_classifier, load_clip, read_classifier_meta
 
 # %% auto #0
 __all__ = ['EXPORT_FORMAT', 'FORMATS', 'PRECISIONS', 'BACKENDS', 'INT8_SCHEME', 'TENSORRT_MISSING', 'ImageGraph', 'TextGraph',
@@ -269,7 +269,6 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
                 ) -> list[dict]:
     "Export a classifier to every asked format and precision, each checked against PyTorch; return the manifests of those that pass."
     from fastprogress.fastprogress import progress_bar
-    from clip_har.train import load_classifier, read_classifier_meta
     bad = [f for f in formats if f not in FORMATS] + [p for p in precisions if p not in PRECISIONS]
     if bad: raise ExportError(f"unknown format or precision {bad}; formats: {', '.join(FORMATS)}; precisions: {', '.join(PRECISIONS)}")
     if 'tensorrt' in formats: tensorrt()  # fail before any work
@@ -338,8 +337,6 @@ def export_from_config(cfg:Config, # export, data and paths settings
                        out_dir:str|Path|None=None, # defaults to `<paths.out_dir>/export`
                        progress:bool=True) -> list[dict]:
     "Export the trained classifier as `cfg.export` says, calibrating and checking on the prepared data."
-    from clip_har.data import read_manifest, DataSourceError
-    from clip_har.evaluate import trained_model_path
     model = Path(model) if model else trained_model_path(Path(cfg.paths.out_dir)/'train')
     df = read_manifest(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
     pick = lambda split, n: list(df[df.split == split].sample(frac=1, random_state=cfg.seed).path[:n])

@@ -13,9 +13,10 @@ from fastcore.basics import patch
 from PIL import Image
 
 from .core import *
-from .data import IMAGE_EXTS, ImageDecodeError, image_batch
-from .export import BACKENDS, PRECISIONS, ExportError, ImageGraph, TextGraph, read_export, runner, tensorrt
-from .model import ACTION_TEMPLATES, HAR_PHRASES, backbone_from_meta, class_prompts, load_clip
+from .data import IMAGE_EXTS, DataSourceError, ImageDecodeError, ImageTooLargeError, image_batch
+from .export import BACKENDS, PRECISIONS, ExportError, ImageGraph, TextGraph, export_model, read_export, runner, tensorrt
+from .model import (ACTION_TEMPLATES, HAR_PHRASES, backbone_from_meta, check_labels, class_prompts, clip_classifier, load_classifier,
+                            load_clip, read_classifier_meta, save_classifier)
 
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inputs', 'predict_files', 'predict_distributed',
@@ -25,7 +26,6 @@ __all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inpu
 class _TorchRunner:
     "The PyTorch backend: the classifier file, run eagerly."
     def __init__(self, model_path, device='cpu', precision='fp32'):
-        from clip_har.train import load_classifier, read_classifier_meta
         self.meta, self.device, self.precision = read_classifier_meta(model_path), torch.device(device), precision
         self.classifier = load_classifier(model_path).to(self.device).eval()
         self.graph, self._text = ImageGraph(self.classifier), None
@@ -122,7 +122,6 @@ def set_labels(self:Predictor, labels:Sequence[str], # any label names
                phrases:dict|None=None, # label -> phrasing(s); the built-in HAR phrasings by default
               ) -> Predictor:
     "Score images against a new label set through the text encoder."
-    from clip_har.model import check_labels
     labels = check_labels(labels)
     cache = self.__dict__.setdefault('_label_cache', {})
     key = (tuple(labels), tuple(templates), json.dumps(phrases, sort_keys=True))
@@ -154,7 +153,6 @@ def video_frames(path:str|Path, # a video file or an animated GIF/WebP
                  max_pixels:int|None=None, # refuse clips with larger frames before decoding them
                 ) -> list[Image.Image]:
     "Up to `n` RGB frames sampled evenly over a clip, holding O(n) frames in memory however long the clip is."
-    from clip_har.data import ImageTooLargeError
     path = Path(path)
     if not path.is_file(): raise ImageDecodeError(f'{path}: no such video file')
     def check(w, h):
@@ -194,7 +192,6 @@ def predict_video(self:Predictor, path:str|Path, # a video or animated GIF
 # %% ../nbs/07_inference.ipynb #05aa1761
 def list_inputs(source:str|Path) -> list[str]:
     "The image paths of a folder (recursive), a .txt list, a CSV or parquet with a `path` column, or one image."
-    from clip_har.data import DataSourceError
     p = Path(source)
     if p.is_dir(): return sorted(str(f) for f in p.rglob('*') if f.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS and f.is_file())
     if not p.is_file(): raise DataSourceError(f'{p}: no such folder or file to predict')
@@ -297,8 +294,6 @@ def random_classifier(name:str, # an open_clip model name, e.g. ViT-B-32 or the 
                       path:str|Path, # where the classifier file goes
                       seed:int=0) -> Path:
     "A classifier file of `name`'s shapes with random weights and the HAR labels, for benchmarks (same FLOPs as trained)."
-    from clip_har.train import save_classifier
-    from clip_har.model import clip_classifier
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     clf = clip_classifier(load_clip(name, None), HAR_LABELS, zeroshot_init=True, cache_dir=path.parent/'cache')
@@ -352,7 +347,6 @@ def benchmark_backends(name:str='ViT-B-32', # model shape (random weights)
                        device:str='cpu', providers:Sequence[str]|None=None) -> pd.DataFrame:
     "Every backend of a random-weight model of `name`'s shapes, side by side in one run (`benchmark_models`)."
     import warnings
-    from clip_har.export import export_model
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if 'tensorrt' in formats:
         try: tensorrt()
@@ -382,7 +376,6 @@ def benchmark_from_config(cfg:Config, # paths and device settings
                           out_dir:str|Path|None=None, # defaults to `<paths.out_dir>/benchmark`
                           runs:int=20, batch_sizes:Sequence[int]=(1, 8, 32)) -> pd.DataFrame:
     "Latency and throughput of the trained model and each of its exports."
-    from clip_har.evaluate import trained_model_path
     out = Path(cfg.paths.out_dir)
     targets = [('pytorch', str(trained_model_path(out/'train')))]
     for man in sorted((out/'export').glob('*/manifest.json')):

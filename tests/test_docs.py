@@ -30,5 +30,5 @@ def test_data_page_renders_prose_and_api_docs(chromium, data_page):
     assert shot.exists() and shot.stat().st_size > 50_000, r.stderr
 
 def test_every_module_has_a_page(data_page):
-    for name in ('index', '00_core', '01_data', '02_model', '03_train', '04_evaluate', '05_tracking', '06_export', '07_inference', '11_cli'):
+    for name in ('index', '00_core', '01_data', '03_model', '05_train', '08_evaluate', '04_tracking', '06_export', '07_inference', '12_cli'):
         assert (DOCS/f'{name}.html').exists(), name

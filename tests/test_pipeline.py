@@ -13,7 +13,7 @@ ARTIFACTS = ['data/prepared/manifest.csv', 'data/prepared/validation/report.json
              'outputs/train/wise_ft.pt', 'outputs/train/history.csv', 'outputs/evaluate/report.html', 'outputs/evaluate/metrics.json',
              'outputs/hub/README.md', 'outputs/hub/clip_har.json', 'outputs/export/onnx-fp32/manifest.json', 'outputs/export/onnx-int8/manifest.json',
              'outputs/benchmark/benchmark.md', 'outputs/benchmark/benchmark.png']
-RECORDS = ['01_data', '02_model', '03_train', '04_evaluate', '06_export', '07_inference']
+RECORDS = ['01_data', '03_model', '05_train', '08_evaluate', '06_export', '07_inference']
 
 DEMO_SETS = ['--set', f'data.source={fixtures_dir()}', '--set', "train.stages=[{name: all, train: all, epochs: 1, lr: 1.0e-2}]",
              '--set', 'export.precisions=[fp32, int8]']
@@ -74,7 +74,7 @@ def _centroid_model(src: Path, dst: Path, rows, shift: int = 0) -> Path:
     with one image per class it scores 1.0 there), with the centroids moved `shift` classes along (then it scores 0)."""
     import torch, torch.nn.functional as F
     from clip_har.data import image_batch
-    from clip_har.train import load_classifier, read_classifier_meta, save_classifier
+    from clip_har.model import load_classifier, read_classifier_meta, save_classifier
     clf, meta = load_classifier(src).eval(), read_classifier_meta(src)
     with torch.no_grad():
         emb = F.normalize(clf.visual(image_batch(list(rows.path), clf.preprocess)).float(), dim=-1)

@@ -50,7 +50,7 @@ def test_sync_guard_catches_unexported_and_unclean_notebooks(tmp_path):
 
 def test_papermill_runs_the_model_notebook_as_a_zeroshot_stage(tmp_path):
     "The model notebook's stage section scores the tiny model on a prepared split and writes its metrics."
-    outputs = _papermill(tmp_path, '02_model', '-p', 'split', 'valid', '-p', 'out_dir', str(tmp_path/'zs'))
+    outputs = _papermill(tmp_path, '03_model', '-p', 'split', 'valid', '-p', 'out_dir', str(tmp_path/'zs'))
     m = json.loads((tmp_path/'zs'/'metrics.json').read_text())
     assert m['split'] == 'valid' and m['smoke_run'] is True and m['n'] > 0
     shown = json.dumps(outputs)
@@ -58,7 +58,7 @@ def test_papermill_runs_the_model_notebook_as_a_zeroshot_stage(tmp_path):
 
 def test_papermill_runs_the_train_notebook_as_a_stage(tmp_path):
     "The train notebook's stage section fine-tunes the tiny model with injected overrides and writes the run folder."
-    outputs = _papermill(tmp_path, '03_train', '-p', 'out_dir', str(tmp_path/'run'),
+    outputs = _papermill(tmp_path, '05_train', '-p', 'out_dir', str(tmp_path/'run'),
                          '-y', 'overrides: {train.stages: [{name: all, train: all, epochs: 2, lr: 0.01}]}')
     m = json.loads((tmp_path/'run'/'train_metrics.json').read_text())
     assert m['epochs'] == 2 and (tmp_path/'run'/'wise_ft.png').exists()
@@ -67,7 +67,7 @@ def test_papermill_runs_the_train_notebook_as_a_stage(tmp_path):
 
 def test_papermill_runs_the_evaluate_notebook_and_shows_the_report(tmp_path):
     "The evaluate notebook's stage section writes the report folder and shows the HTML report as notebook output."
-    outputs = _papermill(tmp_path, '04_evaluate', '-p', 'out_dir', str(tmp_path/'eval'))
+    outputs = _papermill(tmp_path, '08_evaluate', '-p', 'out_dir', str(tmp_path/'eval'))
     m = json.loads((tmp_path/'eval'/'metrics.json').read_text())
     assert m['split'] == 'test' and m['smoke_run'] is True and (tmp_path/'eval'/'report.html').exists()
     html = [o['data']['text/html'] for o in outputs if 'text/html' in o.get('data', {})]

@@ -56,7 +56,7 @@ def test_sigkill_mid_run_then_resume(prepared, tmp_path):
     final = _last(ckpt)
     assert final['batches'] == 4 * per_epoch and final['epoch'] == 4
     assert [h['stage_epoch'] for h in final['history']] == [1, 2, 3, 4]
-    from clip_har.train import load_classifier
+    from clip_har.model import load_classifier
     model = load_classifier(tmp_path/'run'/'model.pt')
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 15)
 
@@ -137,7 +137,8 @@ def test_fsdp_two_cpu_processes_saves_a_full_checkpoint(prepared, tmp_path):
     "FSDP (fully_shard) on 2 CPU processes: trains, and its checkpoint holds full weights that load in one process."
     r = _torchrun(prepared, tmp_path/'fsdp', 'fsdp', epochs=1)
     assert r.returncode == 0, r.stderr[-3000:]
-    from clip_har.train import load_classifier, read_train_checkpoint
+    from clip_har.model import load_classifier
+    from clip_har.train import read_train_checkpoint
     model = load_classifier(tmp_path/'fsdp'/'model.pt')
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 15)
     ck = read_train_checkpoint(tmp_path/'fsdp'/'checkpoints'/'last.pt')
