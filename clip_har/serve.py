@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_serve.ipynb #9dbc3cee
 from __future__ import annotations
-import asyncio, base64, binascii, hashlib, hmac, io, ipaddress, json, logging, os, socket, tempfile, threading, time, uuid
+import asyncio, base64, binascii, hashlib, hmac, importlib.resources, io, ipaddress, json, logging, os, socket, tempfile, threading, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -20,15 +20,24 @@ from . import __version__
 from .data import ImageDecodeError, ImageTooLargeError, decode_image, image_batch
 from .export import ExportError, export_model
 from .inference import VIDEO_EXTS, Predictor, random_classifier, video_frames
-try: from fastapi import Depends, File, Query, Request, UploadFile  # module level: the routes' annotations name them
-except ImportError: Request = None  # the client and the helpers work without the `serve` extra
+try:
+    from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException
+except ImportError as e: raise ImportError('clip_har.serve needs the serve extra: pip install "clip_har[serve]"') from e
 
 # %% auto #0
-__all__ = ['WEBCAM_HTML', 'ServeError', 'b64_image', 'preprocess_images', 'public_address', 'check_url', 'pinned_request',
-           'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction', 'PredictResponse',
-           'BatchResponse', 'PredictRequest', 'BatchRequest', 'LabelsRequest', 'LabelsResponse', 'default_model',
-           'create_app', 'free_port', 'serve_in_thread', 'ClientError', 'InferenceClient', 'load_test', 'app_from_env',
-           'serve', 'benchmark_serving']
+__all__ = ['AS_USER_JSON', 'AS_USER_UPLOAD', 'ops', 'predict_router', 'images_router', 'video_router', 'labels_router', 'ROUTERS',
+           'ServeError', 'b64_image', 'preprocess_images', 'public_address', 'check_url', 'pinned_request', 'fetch_url',
+           'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction', 'PredictResponse', 'BatchResponse',
+           'PredictRequest', 'BatchRequest', 'LabelsRequest', 'LabelsResponse', 'default_model', 'app_state',
+           'model_ready', 'user', 'admin', 'json_body', 'multipart', 'error_response', 'lifespan', 'api', 'info',
+           'health', 'ready', 'metrics', 'webcam_page', 'webcam', 'classify', 'one', 'predict', 'upload_bytes',
+           'predict_image', 'predict_batch', 'predict_video', 'label_state', 'get_labels', 'put_labels', 'access_log',
+           'add_middleware', 'create_app', 'free_port', 'serve_in_thread', 'ClientError', 'InferenceClient',
+           'load_test', 'app_from_env', 'serve', 'benchmark_serving']
 
 # %% ../nbs/09_serve.ipynb #9d802508
 class ServeError(Exception):
@@ -324,12 +333,13 @@ class _BodyLimit:
                 await send({'type': 'http.response.body', 'body': json.dumps({'error': f'request body over the {limit:,}-byte limit', 'status': 413}).encode()})
         await self.app(scope, counted, guarded)
 
-# %% ../nbs/09_serve.ipynb #e07ba90f
+# %% ../nbs/09_serve.ipynb #8d17f494
 def default_model(cfg:Config) -> Path:
     "The model `clip-har serve` runs when none is given: the fp32 ONNX export if there is one, else the trained model."
     onnx = Path(cfg.paths.out_dir)/'export'/'onnx-fp32'/'manifest.json'
     return onnx if onnx.is_file() else trained_model_path(Path(cfg.paths.out_dir)/'train')
 
+# %% ../nbs/09_serve.ipynb #555a8d35
 class _State:
     "What the routes share: the settings, the predictor once loaded, the batcher, keys, limits and metrics."
     def __init__(self, settings, predictor, load):
@@ -356,6 +366,17 @@ class _State:
             self.error = f'{type(e).__name__}: {e}'
             get_logger().error(f'the model did not load: {self.error}')
 
+def app_state(request) -> _State:
+    "The `_State` of the app a request reached."
+    return request.app.state.clip_har
+
+def model_ready(state:_State):
+    "The loaded predictor; 503 (with `Retry-After`) while it loads or after it failed to."
+    if not state.ready.is_set():
+        raise ServeError(503, f'the model failed to load: {state.error}' if state.error else 'the model is still loading', {'Retry-After': '2'})
+    return state.predictor
+
+# %% ../nbs/09_serve.ipynb #9150071e
 def _caller(request, state:_State, admin:bool=False) -> str:
     "Check the API key (401/403) and the rate limit (429); the caller's identity for logs and limits."
     given = request.headers.get('x-api-key')
@@ -372,265 +393,245 @@ def _caller(request, state:_State, admin:bool=False) -> str:
         if wait: raise ServeError(429, f'rate limit: {state.settings.rate_limit:g} requests per minute', {'Retry-After': str(max(1, round(wait + 0.5)))})
     return who
 
+# %% ../nbs/09_serve.ipynb #283dd1c1
+def _mb(v:float) -> int: return int(v * 2**20)
+
 def _need_content_type(request, *kinds:str):
     ct = request.headers.get('content-type', '').split(';')[0].strip().lower()
     if ct not in kinds: raise ServeError(415, f"expected Content-Type {' or '.join(kinds)}, got {ct or 'none'}")
 
-# %% ../nbs/09_serve.ipynb #8592e9b9
-def create_app(settings:ServeConfig|None=None, # the `serve` section (default: its defaults)
-               predictor=None, # a loaded `Predictor`; default: load `settings.model` when the app starts
-               load_first:bool=False, # load the model before taking connections (else in the background, /ready saying when)
-              ):
-    "The FastAPI app of the prediction service."
-    if Request is None: raise ImportError('the service needs the serve extra: pip install "clip_har[serve]"')
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-    from starlette.exceptions import HTTPException
-    settings = settings or ServeConfig()
-    if predictor is None and not settings.model: raise ConfigError('serve.model: no model to serve; pass --model or set serve.model')
-    state = _State(settings, predictor, lambda: Predictor(settings.model, settings.backend))
-    log, access = get_logger(), logging.getLogger('clip_har.access')
+async def user(request:Request): _caller(request, app_state(request))
+async def admin(request:Request): _caller(request, app_state(request), admin=True)
+async def json_body(request:Request): _need_content_type(request, 'application/json')
+async def multipart(request:Request): _need_content_type(request, 'multipart/form-data')
+AS_USER_JSON, AS_USER_UPLOAD = [Depends(user), Depends(json_body)], [Depends(user), Depends(multipart)]
 
-    @asynccontextmanager
-    async def lifespan(app):
-        state.batcher.start()
-        if state.ready.is_set(): state.metrics['ready'].set(1)
-        elif load_first:
-            await asyncio.get_running_loop().run_in_executor(None, state.load_model)
-            if state.error: raise RuntimeError(f'the model did not load: {state.error}')
-        else: threading.Thread(target=state.load_model, daemon=True, name='clip-har-load').start()
-        yield
-        await state.batcher.stop()
-        state.decoders.shutdown(wait=False)
+# %% ../nbs/09_serve.ipynb #75ceddeb
+def error_response(request, status:int, message:str, headers:dict|None=None) -> JSONResponse:
+    "The JSON every refusal is: error, status and the request's id."
+    return JSONResponse({'error': message, 'status': status, 'request_id': getattr(request.state, 'request_id', None)}, status, headers=headers)
 
+async def _serve_error(request, e): return error_response(request, e.status, e.message, e.headers)
+async def _http_error(request, e): return error_response(request, e.status_code, str(e.detail), getattr(e, 'headers', None))
+async def _invalid(request, e):
+    parts = ['.'.join(str(l) for l in err['loc'] if l != 'body') + f": {err['msg']}" for err in e.errors()]
+    return error_response(request, 422, 'invalid request: ' + '; '.join(parts)[:1000])
+async def _unexpected(request, e):
+    get_logger().error(f'request {getattr(request.state, "request_id", "?")} failed', exc_info=e)
+    return error_response(request, 500, 'internal error; the server log has the details')
+
+# %% ../nbs/09_serve.ipynb #ceb19f80
+@asynccontextmanager
+async def lifespan(app):
+    "Start the batcher and load the model (before the first connection with `load_first`, else in the background); stop at shutdown."
+    state = app.state.clip_har
+    state.batcher.start()
+    if state.ready.is_set(): state.metrics['ready'].set(1)
+    elif app.state.load_first:
+        await asyncio.get_running_loop().run_in_executor(None, state.load_model)
+        if state.error: raise RuntimeError(f'the model did not load: {state.error}')
+    else: threading.Thread(target=state.load_model, daemon=True, name='clip-har-load').start()
+    yield
+    await state.batcher.stop()
+    state.decoders.shutdown(wait=False)
+
+# %% ../nbs/09_serve.ipynb #85dcc3a6
+def api(state:_State, # what the routes share
+        *routers:APIRouter, # the routes to serve
+        load_first:bool=False, # load the model before taking connections
+       ) -> FastAPI:
+    "A FastAPI app holding `state`, with `routers`, the error handlers and the service's lifespan."
     app = FastAPI(title='clip_har', version=__version__, lifespan=lifespan,
                   description='Human action recognition with CLIP: post an image, get the most likely actions.')
-    app.state.clip_har = state
-    mb = lambda v: int(v * 2**20)
-    app.add_middleware(_BodyLimit, limit_for=lambda path: mb(settings.max_video_mb) if path.rstrip('/') == '/predict/video' else mb(settings.max_body_mb))
+    app.state.clip_har, app.state.load_first = state, load_first
+    for cls, handler in ((ServeError, _serve_error), (HTTPException, _http_error), (RequestValidationError, _invalid), (Exception, _unexpected)):
+        app.add_exception_handler(cls, handler)
+    for r in routers: app.include_router(r)
+    return app
+
+# %% ../nbs/09_serve.ipynb #d39a837a
+ops = APIRouter(tags=['operations'])
+
+@ops.get('/', summary='Service information')
+async def info(request:Request):
+    state = app_state(request); s = state.settings
+    p = state.predictor if state.ready.is_set() else None
+    return {'service': 'clip_har', 'version': __version__, 'ready': p is not None,
+            'model': p.manifest['model'] if p else None, 'model_version': p.version if p else None,
+            'backend': p.backend if p else None, 'precision': p.manifest['precision'] if p else None,
+            'labels': list(p.labels) if p else None, 'max_batch': s.max_batch, 'max_wait_ms': s.max_wait_ms,
+            'top_k': s.top_k, 'url_input': s.allow_urls, 'auth': bool(state.api_keys), 'docs': '/docs'}
+
+@ops.get('/health', summary='Liveness: the process answers')
+async def health(): return {'status': 'ok'}
+
+@ops.get('/ready', summary='Readiness: the model is loaded')
+async def ready(request:Request):
+    return {'ready': True, 'model_version': model_ready(app_state(request)).version}
+
+# %% ../nbs/09_serve.ipynb #f6318d55
+@ops.get('/metrics', summary='Prometheus metrics', response_class=PlainTextResponse)
+async def metrics(request:Request):
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    registry = app_state(request).registry
+    if os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry(); multiprocess.MultiProcessCollector(registry)
+    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+# %% ../nbs/09_serve.ipynb #50cd41ba
+def webcam_page() -> str:
+    "The live webcam page (`clip_har/assets/webcam.html`)."
+    return (importlib.resources.files('clip_har')/'assets'/'webcam.html').read_text()
+
+@ops.get('/app', summary='Live webcam recognition in the browser', response_class=HTMLResponse)
+async def webcam(): return HTMLResponse(webcam_page())
+
+# %% ../nbs/09_serve.ipynb #0ff3180a
+async def classify(state:_State, images:list[bytes], k:int|None, names=None, pool:bool=False) -> dict:
+    "Top-`k` predictions of each image (or of their mean with `pool`), through the batcher."
+    pred, t0, s = model_ready(state), time.perf_counter(), state.settings
+    with state.batcher.expecting():
+        x = await asyncio.get_running_loop().run_in_executor(state.decoders, preprocess_images, images, pred.preprocess, s.max_pixels, names)
+    t1 = time.perf_counter()
+    try: probs, labels, timing = await asyncio.wait_for(state.batcher.submit(x), s.request_timeout_s)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise ServeError(503, f'no answer within {s.request_timeout_s:g} s: the service is overloaded', {'Retry-After': '1'}) from None
+    if pool: probs = probs.mean(0, keepdims=True)
+    timings = {'decode_ms': (t1 - t0) * 1000, 'queue_ms': timing['queue_ms'], 'inference_ms': timing['inference_ms'],
+               'total_ms': (time.perf_counter() - t0) * 1000}
+    return dict(results=pred.top_k(probs, k or s.top_k, labels), model=pred.manifest['model'], model_version=pred.version,
+                backend=pred.backend, timings_ms={k: round(v, 3) for k, v in timings.items()})
+
+def one(res:dict) -> dict:
+    "A one-image answer: its predictions, with the model and timings."
+    return {'predictions': res.pop('results')[0], **res}
+
+# %% ../nbs/09_serve.ipynb #0a07296a
+predict_router = APIRouter(tags=['predict'])
+
+@predict_router.post('/predict', response_model=PredictResponse, summary='Classify one image sent as base64 or a URL', dependencies=AS_USER_JSON)
+async def predict(body:PredictRequest, request:Request):
+    state = app_state(request); s = state.settings
+    if (body.image is None) == (body.url is None): raise ServeError(422, 'send exactly one of "image" (base64) and "url"')
+    if body.url is not None:
+        if not s.allow_urls: raise ServeError(403, 'URL input is off on this server (serve.allow_urls); send the image as base64')
+        data = await fetch_url(body.url, _mb(s.url_max_mb), s.url_timeout_s, s.url_trusted_hosts)
+        return one(await classify(state, [data], body.top_k, ['the image at the URL']))
+    return one(await classify(state, [b64_image(body.image)], body.top_k))
+
+# %% ../nbs/09_serve.ipynb #f98c573d
+async def upload_bytes(file:UploadFile, kinds:tuple) -> bytes:
+    "The bytes of an upload whose media type starts with one of `kinds` (or is unstated); 415 otherwise."
+    ct = (file.content_type or 'application/octet-stream').lower()
+    if not (ct.startswith(kinds) or ct == 'application/octet-stream'):
+        raise ServeError(415, f'{file.filename or "the upload"}: {ct} is not an accepted media type ({", ".join(k + "*" for k in kinds)})')
+    return await file.read()
+
+# %% ../nbs/09_serve.ipynb #afdd4c1c
+images_router = APIRouter(tags=['predict'])
+
+@images_router.post('/predict/image', response_model=PredictResponse, summary='Classify one uploaded image (multipart/form-data, field "file")',
+                    dependencies=AS_USER_UPLOAD)
+async def predict_image(request:Request, file:UploadFile=File(...), top_k:int|None=Query(None, ge=1, le=1000)):
+    data = await upload_bytes(file, ('image/',))
+    return one(await classify(app_state(request), [data], top_k, [file.filename or 'the upload']))
+
+@images_router.post('/predict/batch', response_model=BatchResponse, summary='Classify several base64 images in one request', dependencies=AS_USER_JSON)
+async def predict_batch(body:BatchRequest, request:Request):
+    state = app_state(request)
+    if len(body.images) > state.settings.max_batch_images:
+        raise ServeError(413, f'{len(body.images)} images; at most {state.settings.max_batch_images} per request')
+    return await classify(state, [b64_image(im, f'images[{i}]') for i, im in enumerate(body.images)], body.top_k,
+                          [f'images[{i}]' for i in range(len(body.images))])
+
+# %% ../nbs/09_serve.ipynb #15384b66
+video_router = APIRouter(tags=['predict'])
+
+@video_router.post('/predict/video', response_model=PredictResponse, summary='Classify a video or animated GIF (frames sampled evenly, probabilities averaged)',
+                   dependencies=AS_USER_UPLOAD)
+async def predict_video(request:Request, file:UploadFile=File(...), top_k:int|None=Query(None, ge=1, le=1000)):
+    state = app_state(request); s = state.settings
+    data = await upload_bytes(file, ('video/', 'image/gif', 'image/webp'))
+    suffix = Path(file.filename or '').suffix.lower()
+    if suffix not in VIDEO_EXTS + ('.webp',): raise ServeError(415, f'{file.filename!r}: expected a video file ({", ".join(VIDEO_EXTS)})')
+    model_ready(state)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d)/f'upload{suffix}'; path.write_bytes(data)
+        try: frames = await asyncio.get_running_loop().run_in_executor(state.decoders, video_frames, path, s.video_frames, s.max_pixels)
+        except ImageTooLargeError as e: raise ServeError(413, str(e).replace(str(path), file.filename or 'upload')) from None
+        except ImageDecodeError as e: raise ServeError(422, f'{file.filename}: not a readable video') from None
+    buf = []
+    for f in frames:
+        b = io.BytesIO(); f.save(b, 'PNG'); buf.append(b.getvalue())
+    return one(await classify(state, buf, top_k, pool=True))
+
+# %% ../nbs/09_serve.ipynb #6ced4fbf
+labels_router = APIRouter(tags=['labels'])
+
+def label_state(state:_State) -> dict:
+    "The labels scored against, the trained ones, and whether open-vocabulary labels are active."
+    p = model_ready(state)
+    return {'labels': list(p.labels), 'trained_labels': list(p.trained_labels), 'open_vocabulary': p.class_emb is not None}
+
+@labels_router.get('/labels', response_model=LabelsResponse, summary='The label set the model scores against', dependencies=[Depends(user)])
+async def get_labels(request:Request): return label_state(app_state(request))
+
+# %% ../nbs/09_serve.ipynb #27d20efb
+@labels_router.put('/labels', response_model=LabelsResponse, summary='Set an open-vocabulary label set (admin key); null restores the trained labels',
+                   dependencies=[Depends(admin), Depends(json_body)])
+async def put_labels(body:LabelsRequest, request:Request):
+    state = app_state(request); p = model_ready(state)
+    if body.labels is None: await state.batcher.run(p.reset_labels)
+    else:
+        labels = [l.strip() for l in body.labels]
+        if any(not l or len(l) > 100 for l in labels): raise ServeError(422, 'labels must be 1 to 100 characters')
+        try: await state.batcher.run(p.set_labels, labels)
+        except ValueError as e: raise ServeError(422, str(e)) from None
+        except ExportError as e: raise ServeError(409, f'this model cannot take new labels: {e}') from None
+    return label_state(state)
+
+# %% ../nbs/09_serve.ipynb #23b70341
+async def access_log(request:Request, call_next):
+    "Give the request an id; count, time and log it as one JSON line."
+    state = app_state(request)
+    request.state.request_id = request.headers.get('x-request-id', '')[:64] or uuid.uuid4().hex[:16]
+    t0 = time.perf_counter()
+    response = await call_next(request)
+    secs = time.perf_counter() - t0
+    route = getattr(request.scope.get('route'), 'path', 'unmatched')
+    state.metrics['requests'].labels(route, request.method, str(response.status_code)).inc()
+    state.metrics['latency'].labels(route).observe(secs)
+    response.headers['X-Request-ID'] = request.state.request_id
+    logging.getLogger('clip_har.access').info(json.dumps({
+        'ts': round(time.time(), 3), 'request_id': request.state.request_id, 'method': request.method, 'path': request.url.path,
+        'status': response.status_code, 'ms': round(secs * 1000, 2), 'client': request.client.host if request.client else None,
+        'caller': getattr(request.state, 'caller', None), 'bytes_in': int(request.headers.get('content-length') or 0)}))
+    return response
+
+# %% ../nbs/09_serve.ipynb #2c43d380
+def add_middleware(app:FastAPI, settings:ServeConfig) -> FastAPI:
+    "Body limits, CORS (when origins are configured) and the access log, in that order from the inside out."
+    video = lambda path: path.rstrip('/') == '/predict/video'
+    app.add_middleware(_BodyLimit, limit_for=lambda path: _mb(settings.max_video_mb) if video(path) else _mb(settings.max_body_mb))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=['GET', 'POST', 'PUT'],
                            allow_headers=['Content-Type', 'X-API-Key'])
-
-    def error(request, status, message, headers=None):
-        rid = getattr(request.state, 'request_id', None)
-        return JSONResponse({'error': message, 'status': status, 'request_id': rid}, status, headers=headers)
-
-    @app.exception_handler(ServeError)
-    async def _serve_error(request, e): return error(request, e.status, e.message, e.headers)
-    @app.exception_handler(HTTPException)
-    async def _http_error(request, e): return error(request, e.status_code, str(e.detail), getattr(e, 'headers', None))
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, e):
-        parts = ['.'.join(str(l) for l in err['loc'] if l != 'body') + f": {err['msg']}" for err in e.errors()]
-        return error(request, 422, 'invalid request: ' + '; '.join(parts)[:1000])
-    @app.exception_handler(Exception)
-    async def _unexpected(request, e):
-        log.error(f'request {getattr(request.state, "request_id", "?")} failed', exc_info=e)
-        return error(request, 500, 'internal error; the server log has the details')
-
-    @app.middleware('http')
-    async def observe(request:Request, call_next):
-        request.state.request_id = request.headers.get('x-request-id', '')[:64] or uuid.uuid4().hex[:16]
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        secs = time.perf_counter() - t0
-        route = getattr(request.scope.get('route'), 'path', 'unmatched')
-        state.metrics['requests'].labels(route, request.method, str(response.status_code)).inc()
-        state.metrics['latency'].labels(route).observe(secs)
-        response.headers['X-Request-ID'] = request.state.request_id
-        access.info(json.dumps({'ts': round(time.time(), 3), 'request_id': request.state.request_id, 'method': request.method,
-                                'path': request.url.path, 'status': response.status_code, 'ms': round(secs * 1000, 2),
-                                'client': request.client.host if request.client else None,
-                                'caller': getattr(request.state, 'caller', None), 'bytes_in': int(request.headers.get('content-length') or 0)}))
-        return response
-
-    def model_ready():
-        if not state.ready.is_set():
-            raise ServeError(503, f'the model failed to load: {state.error}' if state.error else 'the model is still loading', {'Retry-After': '2'})
-        return state.predictor
-
-    async def classify(images:list[bytes], k:int|None, names=None, pool:bool=False) -> dict:
-        pred, t0 = model_ready(), time.perf_counter()
-        with state.batcher.expecting():
-            x = await asyncio.get_running_loop().run_in_executor(state.decoders, preprocess_images, images, pred.preprocess, settings.max_pixels, names)
-        t1 = time.perf_counter()
-        try: probs, labels, timing = await asyncio.wait_for(state.batcher.submit(x), settings.request_timeout_s)
-        except (TimeoutError, asyncio.TimeoutError):
-            raise ServeError(503, f'no answer within {settings.request_timeout_s:g} s: the service is overloaded', {'Retry-After': '1'}) from None
-        if pool: probs = probs.mean(0, keepdims=True)
-        top = pred.top_k(probs, k or settings.top_k, labels)
-        timings = {'decode_ms': (t1 - t0) * 1000, 'queue_ms': timing['queue_ms'], 'inference_ms': timing['inference_ms'],
-                   'total_ms': (time.perf_counter() - t0) * 1000}
-        return dict(results=top, model=pred.manifest['model'], model_version=pred.version, backend=pred.backend,
-                    timings_ms={k: round(v, 3) for k, v in timings.items()})
-
-    def one(res): return {'predictions': res.pop('results')[0], **res}
-
-    # checked before the body is parsed: a caller without a key gets 401, a wrong media type 415, never a parse error
-    async def user(request:Request): _caller(request, state)
-    async def admin(request:Request): _caller(request, state, admin=True)
-    async def json_body(request:Request): _need_content_type(request, 'application/json')
-    async def multipart(request:Request): _need_content_type(request, 'multipart/form-data')
-    as_user_json, as_user_upload = [Depends(user), Depends(json_body)], [Depends(user), Depends(multipart)]
-
-    @app.get('/', summary='Service information')
-    async def info():
-        p = state.predictor if state.ready.is_set() else None
-        return {'service': 'clip_har', 'version': __version__, 'ready': p is not None,
-                'model': p.manifest['model'] if p else None, 'model_version': p.version if p else None,
-                'backend': p.backend if p else None, 'precision': p.manifest['precision'] if p else None,
-                'labels': list(p.labels) if p else None, 'max_batch': settings.max_batch, 'max_wait_ms': settings.max_wait_ms,
-                'top_k': settings.top_k, 'url_input': settings.allow_urls, 'auth': bool(state.api_keys),
-                'docs': '/docs'}
-
-    @app.get('/app', summary='Live webcam recognition in the browser', response_class=HTMLResponse)
-    async def webcam(): return HTMLResponse(WEBCAM_HTML)
-
-    @app.get('/health', summary='Liveness: the process answers')
-    async def health(): return {'status': 'ok'}
-
-    @app.get('/ready', summary='Readiness: the model is loaded')
-    async def ready():
-        model_ready()
-        return {'ready': True, 'model_version': state.predictor.version}
-
-    @app.get('/metrics', summary='Prometheus metrics', response_class=PlainTextResponse)
-    async def metrics():
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-        registry = state.registry
-        if os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
-            from prometheus_client import multiprocess
-            registry = CollectorRegistry(); multiprocess.MultiProcessCollector(registry)
-        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post('/predict', response_model=PredictResponse, summary='Classify one image sent as base64 or a URL', dependencies=as_user_json)
-    async def predict(body:PredictRequest):
-        if (body.image is None) == (body.url is None): raise ServeError(422, 'send exactly one of "image" (base64) and "url"')
-        if body.url is not None:
-            if not settings.allow_urls: raise ServeError(403, 'URL input is off on this server (serve.allow_urls); send the image as base64')
-            data = await fetch_url(body.url, mb(settings.url_max_mb), settings.url_timeout_s, settings.url_trusted_hosts)
-            return one(await classify([data], body.top_k, ['the image at the URL']))
-        return one(await classify([b64_image(body.image)], body.top_k))
-
-    async def upload_bytes(file:UploadFile, kinds:tuple) -> bytes:
-        ct = (file.content_type or 'application/octet-stream').lower()
-        if not (ct.startswith(kinds) or ct == 'application/octet-stream'): raise ServeError(415, f'{file.filename or "the upload"}: {ct} is not an accepted media type ({", ".join(k + "*" for k in kinds)})')
-        return await file.read()
-
-    @app.post('/predict/image', response_model=PredictResponse, summary='Classify one uploaded image (multipart/form-data, field "file")',
-              dependencies=as_user_upload)
-    async def predict_image(file:UploadFile=File(...), top_k:int|None=Query(None, ge=1, le=1000)):
-        data = await upload_bytes(file, ('image/',))
-        return one(await classify([data], top_k, [file.filename or 'the upload']))
-
-    @app.post('/predict/batch', response_model=BatchResponse, summary='Classify several base64 images in one request', dependencies=as_user_json)
-    async def predict_batch(body:BatchRequest):
-        if len(body.images) > settings.max_batch_images: raise ServeError(413, f'{len(body.images)} images; at most {settings.max_batch_images} per request')
-        return await classify([b64_image(im, f'images[{i}]') for i, im in enumerate(body.images)], body.top_k,
-                              [f'images[{i}]' for i in range(len(body.images))])
-
-    @app.post('/predict/video', response_model=PredictResponse, summary='Classify a video or animated GIF (frames sampled evenly, probabilities averaged)',
-              dependencies=as_user_upload)
-    async def predict_video(file:UploadFile=File(...), top_k:int|None=Query(None, ge=1, le=1000)):
-        data = await upload_bytes(file, ('video/', 'image/gif', 'image/webp'))
-        suffix = Path(file.filename or '').suffix.lower()
-        if suffix not in VIDEO_EXTS + ('.webp',): raise ServeError(415, f'{file.filename!r}: expected a video file ({", ".join(VIDEO_EXTS)})')
-        model_ready()
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d)/f'upload{suffix}'; path.write_bytes(data)
-            try: frames = await asyncio.get_running_loop().run_in_executor(state.decoders, video_frames, path, settings.video_frames, settings.max_pixels)
-            except ImageTooLargeError as e: raise ServeError(413, str(e).replace(str(path), file.filename or 'upload')) from None
-            except ImageDecodeError as e: raise ServeError(422, f'{file.filename}: not a readable video') from None
-        buf = []
-        for f in frames:
-            b = io.BytesIO(); f.save(b, 'PNG'); buf.append(b.getvalue())
-        return one(await classify(buf, top_k, pool=True))
-
-    def label_state():
-        p = model_ready()
-        return {'labels': list(p.labels), 'trained_labels': list(p.trained_labels), 'open_vocabulary': p.class_emb is not None}
-
-    @app.get('/labels', response_model=LabelsResponse, summary='The label set the model scores against', dependencies=[Depends(user)])
-    async def get_labels(): return label_state()
-
-    @app.put('/labels', response_model=LabelsResponse, summary='Set an open-vocabulary label set (admin key); null restores the trained labels',
-             dependencies=[Depends(admin), Depends(json_body)])
-    async def put_labels(body:LabelsRequest):
-        p = model_ready()
-        if body.labels is None: await state.batcher.run(p.reset_labels)
-        else:
-            labels = [l.strip() for l in body.labels]
-            if any(not l or len(l) > 100 for l in labels): raise ServeError(422, 'labels must be 1 to 100 characters')
-            try: await state.batcher.run(p.set_labels, labels)
-            except ValueError as e: raise ServeError(422, str(e)) from None
-            except ExportError as e: raise ServeError(409, f'this model cannot take new labels: {e}') from None
-        return label_state()
-
+    app.middleware('http')(access_log)
     return app
 
-# %% ../nbs/09_serve.ipynb #8ab02dd4
-WEBCAM_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>clip_har live</title>
-<style>
- body { font-family: system-ui, sans-serif; margin: 1.2rem; color: #222; }
- #row { display: flex; gap: 1.5rem; flex-wrap: wrap; align-items: flex-start; }
- video { width: 320px; height: 240px; background: #111; border-radius: 6px; }
- ol { list-style: none; padding: 0; margin: 0; width: 340px; }
- li { margin: .35rem 0; } .name { display: flex; justify-content: space-between; font-size: .95rem; }
- .bar { height: 10px; background: #2b7bb9; border-radius: 3px; }
- #status { color: #666; font-size: .85rem; } input { width: 14rem; }
-</style></head>
-<body>
-<h2>clip_har: live action recognition</h2>
-<div id="row">
- <video id="cam" autoplay playsinline muted></video>
- <div><ol id="top"></ol><p id="status">starting the camera&hellip;</p>
- <label>API key (if the server needs one) <input id="key" type="password" autocomplete="off"></label></div>
-</div>
-<script>
-const video = document.getElementById('cam'), top5 = document.getElementById('top'), status = document.getElementById('status');
-const canvas = document.createElement('canvas');
-let frames = 0;
-function render(preds) {
-  top5.replaceChildren(...preds.map(p => {
-    const li = document.createElement('li');
-    li.innerHTML = '<div class="name"><span></span><span></span></div><div class="bar"></div>';
-    li.querySelector('.name span').textContent = p.class_name;
-    li.querySelector('.name span:last-child').textContent = (100 * p.score).toFixed(1) + '%';
-    li.querySelector('.bar').style.width = Math.max(2, 100 * p.score) + '%';
-    li.dataset.label = p.class_name;
-    return li;
-  }));
-}
-async function tick() {
-  if (video.readyState >= 2 && video.videoWidth) {
-    canvas.width = 320; canvas.height = Math.round(320 * video.videoHeight / video.videoWidth);
-    canvas.getContext('2d').drawImage(video, 0, 0, canvas.width, canvas.height);
-    const blob = await new Promise(r => canvas.toBlob(r, 'image/jpeg', 0.85));
-    const form = new FormData(); form.append('file', blob, 'frame.jpg');
-    const key = document.getElementById('key').value, headers = key ? {'X-API-Key': key} : {};
-    try {
-      const r = await fetch('predict/image?top_k=5', {method: 'POST', body: form, headers});
-      const j = await r.json();
-      if (!r.ok) status.textContent = j.error || ('HTTP ' + r.status);
-      else {
-        render(j.predictions); frames += 1; document.body.dataset.frames = frames;
-        status.textContent = frames + ' frames, ' + j.timings_ms.total_ms.toFixed(0) + ' ms for the last';
-      }
-    } catch (e) { status.textContent = 'the API did not answer: ' + e; }
-  }
-  setTimeout(tick, 300);
-}
-navigator.mediaDevices.getUserMedia({video: {width: 640, height: 480}})
-  .then(s => { video.srcObject = s; status.textContent = 'camera on'; tick(); })
-  .catch(e => { status.textContent = 'no camera: ' + e.message; });
-</script>
-</body></html>
-"""
+# %% ../nbs/09_serve.ipynb #8b30ab79
+ROUTERS = (ops, predict_router, images_router, video_router, labels_router)
+
+def create_app(settings:ServeConfig|None=None, # the `serve` section (default: its defaults)
+               predictor=None, # a loaded `Predictor`; default: load `settings.model` when the app starts
+               load_first:bool=False, # load the model before taking connections (else in the background, /ready saying when)
+              ) -> FastAPI:
+    "The FastAPI app of the prediction service."
+    settings = settings or ServeConfig()
+    if predictor is None and not settings.model: raise ConfigError('serve.model: no model to serve; pass --model or set serve.model')
+    state = _State(settings, predictor, lambda: Predictor(settings.model, settings.backend))
+    return add_middleware(api(state, *ROUTERS, load_first=load_first), settings)
 
 # %% ../nbs/09_serve.ipynb #657fe7d9
 def free_port(host:str='127.0.0.1') -> int:
