@@ -4,175 +4,158 @@
 
 # %% ../nbs/12_cli.ipynb #d769473c
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, inspect, json, os, sys
 from pathlib import Path
+from typing import Sequence
+
+from fastcore.docments import docments
 
 from .core import *
 
 # %% auto #0
-__all__ = ['build_parser', 'run_validate', 'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote',
-           'run_hub', 'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_pipeline_cmd', 'run_retrain',
-           'run_dashboard', 'main']
+__all__ = ['COMMANDS', 'COMMON', 'SPLITS', 'Arg', 'command', 'add_command', 'build_parser', 'run_command', 'run_validate',
+           'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote', 'run_hub',
+           'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_dashboard', 'run_pipeline_cmd',
+           'run_retrain', 'main']
 
-# %% ../nbs/12_cli.ipynb #9f1437c7
+# %% ../nbs/12_cli.ipynb #30357a0f
+class Arg:
+    "How a command's parameter appears on the command line, where its annotation and default do not say it all."
+    def __init__(self, positional:bool=False, # a positional argument, not a `--flag`
+                 flag:str|None=None, # the flag's name, e.g. `--no-dvc` (default: `--` + the name, `_` as `-`)
+                 **kw): # more `add_argument` settings: type, choices, required, metavar
+        self.positional, self.flag, self.kw = positional, flag, kw
+
+COMMANDS:dict = {}  # name -> the function that runs it, in the order they were declared
+
+def command(f=None, name:str|None=None):
+    "Declare `f` (`run_<name>`) a `clip-har` subcommand: its docstring is the help, its documented parameters the arguments."
+    if f is None: return lambda f: command(f, name)
+    COMMANDS[name or f.__name__.removeprefix('run_')] = f
+    return f
+
+# %% ../nbs/12_cli.ipynb #d37946a2
+COMMON = ('params', 'overrides', 'quiet')
+
 def _common(p:argparse.ArgumentParser):
     p.add_argument('--params', default='params.yaml', help='parameters file (default: params.yaml; built-in defaults if absent)')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                    help='override a parameter, e.g. --set data.batch_size=64 (repeatable)')
     p.add_argument('-q', '--quiet', action='store_true', help='only warnings and errors')
 
+def _argument(name:str, v) -> tuple[list[str], dict]:
+    "The names and settings of `add_argument` for parameter `name` (`v`: its docments entry)."
+    spec = v.anno if isinstance(v.anno, Arg) else Arg(**({'type': v.anno} if v.anno in (int, float) else {}))
+    kw = dict(help=v.docment, **spec.kw)
+    default = None if v.default is inspect.Parameter.empty else v.default
+    if isinstance(default, bool): kw['action'] = 'store_false' if default else 'store_true'
+    if spec.positional:
+        if v.default is not inspect.Parameter.empty: kw.update(nargs='?', default=default)
+        return [name], kw
+    return [spec.flag or '--' + name.replace('_', '-')], dict(kw, dest=name, default=default)
+
+def add_command(sub, name:str, f) -> argparse.ArgumentParser:
+    "A subparser for command `name` from its function's signature and docments."
+    p = sub.add_parser(name, help=f.__doc__.split(': ', 1)[-1])
+    for k, v in docments(f, full=True, returns=False, eval_str=True).items():
+        if k == 'cfg' or k in COMMON: continue
+        flags, kw = _argument(k, v)
+        p.add_argument(*flags, **kw)
+    _common(p); p.set_defaults(run=f)
+    return p
+
+# %% ../nbs/12_cli.ipynb #867d147f
 def build_parser() -> argparse.ArgumentParser:
-    "The `clip-har` argument parser with all subcommands."
+    "The `clip-har` argument parser with every declared subcommand."
     from clip_har import __version__
     parser = argparse.ArgumentParser(prog='clip-har', description='Human action recognition with CLIP.')
     parser.add_argument('--version', action='version', version=f'clip_har {__version__}')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-
-    p = sub.add_parser('validate', help='report unreadable, duplicate, non-RGB and small images and the class balance of a source')
-    p.add_argument('source', nargs='?', help='hf:<repo>, an image folder, a CSV or a parquet file (default: data.source)')
-    p.add_argument('--out', help='report folder (default: <paths.out_dir>/validation)')
-    _common(p); p.set_defaults(run=run_validate)
-
-    p = sub.add_parser('prepare', help='validate a source and write its seeded, stratified, leak-free split as a manifest')
-    p.add_argument('--source', help='overrides data.source')
-    p.add_argument('--out', help='manifest folder (default: <paths.data_dir>/prepared)')
-    _common(p); p.set_defaults(run=run_prepare)
-
-    p = sub.add_parser('zeroshot', help="score the zero-shot classifier of model.* on a prepared split (top-1, top-5, per class, confusion)")
-    p.add_argument('--split', default='test', choices=['train', 'valid', 'test'], help='the manifest split to score (default: test)')
-    p.add_argument('--manifest', help='a prepared manifest (default: <paths.data_dir>/prepared/manifest.csv)')
-    p.add_argument('--out', help='metrics folder (default: <paths.out_dir>/zeroshot)')
-    _common(p); p.set_defaults(run=run_zeroshot)
-
-    p = sub.add_parser('train', help='fine-tune with fastai (stages, WiSE-FT); runs under torchrun for DDP/FSDP')
-    p.add_argument('--manifest', help='a prepared manifest (default: <paths.data_dir>/prepared/manifest.csv)')
-    p.add_argument('--out', help='run folder (default: <paths.out_dir>/train)')
-    p.add_argument('--resume', help='a checkpoints/last.pt to continue from after a crash')
-    _common(p); p.set_defaults(run=run_train)
-
-    p = sub.add_parser('evaluate', help='score a trained model on a held-out split: metrics, plots, calibration, HTML report')
-    p.add_argument('--model', help="a classifier file or an export folder/manifest.json (default: the training run's final model)")
-    p.add_argument('--split', choices=['train', 'valid', 'test'], help='the manifest split to score (default: evaluate.split)')
-    p.add_argument('--manifest', help='a prepared manifest (default: <paths.data_dir>/prepared/manifest.csv)')
-    p.add_argument('--out', help='report folder (default: <paths.out_dir>/evaluate)')
-    _common(p); p.set_defaults(run=run_evaluate)
-
-    p = sub.add_parser('runs', help='compare the tracked runs (MLflow at track.mlflow_uri) and list the registered versions')
-    _common(p); p.set_defaults(run=run_runs)
-
-    p = sub.add_parser('promote', help='point a registry alias (default: champion) at a registered model version')
-    p.add_argument('version', type=int, help='the version of track.register_as to promote')
-    p.add_argument('--alias', default='champion', help='the alias to set (default: champion)')
-    _common(p); p.set_defaults(run=run_promote)
-
-    p = sub.add_parser('hub', help='write a Hugging Face Hub folder (open_clip weights, head, model card); --push uploads it')
-    p.add_argument('--model', help="a classifier file or an export of one (default: the training run's final model)")
-    p.add_argument('--folder', help='the Hub folder (default: <paths.out_dir>/hub)')
-    p.add_argument('--push', metavar='REPO_ID', help='upload the folder to this Hub repo (needs network and a token)')
-    _common(p); p.set_defaults(run=run_hub)
-
-    p = sub.add_parser('export', help='export the trained classifier to ONNX (fp32/fp16/int8), TorchScript or TensorRT, each checked against PyTorch')
-    p.add_argument('--model', help="a classifier file (default: the training run's final model)")
-    p.add_argument('--manifest', help='prepared data for calibration and checks (default: <paths.data_dir>/prepared/manifest.csv)')
-    p.add_argument('--out', help='exports folder (default: <paths.out_dir>/export)')
-    _common(p); p.set_defaults(run=run_export)
-
-    p = sub.add_parser('predict', help='predict a folder, a .txt list or a CSV/parquet of images (or videos) into a parquet file; resumable')
-    p.add_argument('input', help='a folder, a .txt of paths, a CSV/parquet with a path column, or one image')
-    p.add_argument('--model', required=True, help='a classifier file, an export folder or its manifest.json')
-    p.add_argument('--backend', help='pytorch, torchscript, onnx or tensorrt (default: the model\'s)')
-    p.add_argument('--out', default='predictions.parquet', help='the parquet file (default: predictions.parquet)')
-    p.add_argument('--top-k', type=int, default=5, help='labels per image (default: 5)')
-    p.add_argument('--batch-size', type=int, default=32)
-    p.add_argument('--labels', help='comma-separated labels for open-vocabulary prediction (default: the trained ones)')
-    _common(p); p.set_defaults(run=run_predict)
-
-    p = sub.add_parser('benchmark', help='latency p50/p95/p99, throughput and peak memory of every backend, side by side')
-    p.add_argument('--model-name', default='ViT-B-32', help='model shape, random weights (default: ViT-B-32)')
-    p.add_argument('--out', help='results folder (default: <paths.out_dir>/benchmark)')
-    p.add_argument('--runs', type=int, default=20, help='timed runs at batch 1 (default: 20)')
-    p.add_argument('--batch-sizes', default='1,8,32', help='comma-separated (default: 1,8,32)')
-    p.add_argument('--serving', action='store_true', help='benchmark the HTTP service instead: dynamic batching vs batch-1, served vs raw throughput')
-    p.add_argument('--requests', type=int, default=2000, help='requests per concurrency level with --serving (default: 2000)')
-    _common(p); p.set_defaults(run=run_benchmark)
-
-    p = sub.add_parser('serve', help='the prediction API on uvicorn: /predict, /predict/image, /predict/batch, /predict/video, /labels, /metrics, /docs')
-    p.add_argument('--model', help='classifier file, export folder or manifest (default: serve.model, else outputs/export/onnx-fp32, else the trained model)')
-    p.add_argument('--backend', help='must match the model (default: the model\'s own)')
-    p.add_argument('--host', help='bind address (default: serve.host, 127.0.0.1)')
-    p.add_argument('--port', type=int, help='default: serve.port, 8000')
-    p.add_argument('--workers', type=int, help='uvicorn worker processes, one model each (default: serve.workers, 1)')
-    _common(p); p.set_defaults(run=run_serve)
-
-    p = sub.add_parser('dashboard', help='the Voila dashboard: uploads, charts, model choice, labels, batches, evaluation, webcam')
-    p.add_argument('--model', help='the model shown first (a file, export, or models:/name/version; default: the first one found)')
-    p.add_argument('--api', help='a clip_har service URL to offer (its /app page is the webcam view); default: $CLIP_HAR_API_URL')
-    p.add_argument('--host', default='127.0.0.1', help='bind address (default: 127.0.0.1)')
-    p.add_argument('--port', type=int, default=8866, help='default: 8866')
-    _common(p); p.set_defaults(run=run_dashboard)
-
-    p = sub.add_parser('pipeline', help='the main job: prepare, zeroshot, train, evaluate, export, benchmark, each a notebook run by papermill, chained by DVC')
-    p.add_argument('--stage', help='run one stage only (what each dvc.yaml stage runs)')
-    p.add_argument('--demo', action='store_true', help='the offline smoke run in demo/: tiny random CLIP on har-mini or the fixtures')
-    p.add_argument('--no-dvc', dest='use_dvc', action='store_false', help='run the stages one after another instead of `dvc repro`')
-    p.add_argument('--write-dvc', action='store_true', help='regenerate dvc.yaml and demo/dvc.yaml from the stage table, then stop')
-    _common(p); p.set_defaults(run=run_pipeline_cmd)
-
-    p = sub.add_parser('retrain', help='pull data (dvc), run the pipeline, promote the new model only if it beats the champion (retrain.*)')
-    p.add_argument('--demo', action='store_true', help='retrain the demo pipeline in demo/')
-    p.add_argument('--no-dvc', dest='use_dvc', action='store_false', help='run the stages one after another instead of `dvc repro`')
-    _common(p); p.set_defaults(run=run_retrain)
+    for name, f in COMMANDS.items(): add_command(sub, name, f)
     return parser
 
-# %% ../nbs/12_cli.ipynb #14c37464
-def run_validate(args, cfg:Config) -> int:
-    "`clip-har validate`: write the validation report and print its summary."
+def run_command(args:argparse.Namespace, cfg:Config) -> int:
+    "Call the command's function with the parsed arguments it declares."
+    names = list(inspect.signature(args.run).parameters)[1:]
+    return args.run(cfg, **{k: getattr(args, k) for k in names})
+
+# %% ../nbs/12_cli.ipynb #8a26c06d
+@command
+def run_validate(cfg:Config,
+                 source:Arg(positional=True)=None, # hf:<repo>, an image folder, a CSV or a parquet file (default: data.source)
+                 out:str=None, # report folder (default: <paths.out_dir>/validation)
+                 quiet:bool=False):
+    "`clip-har validate`: report unreadable, duplicate, non-RGB and small images and the class balance of a source"
     from clip_har.data import validate
-    source = args.source or cfg.data.source
-    out = Path(args.out or Path(cfg.paths.out_dir)/'validation')
-    rep = validate(source, out, cfg.data.labels, cfg.data.min_image_size, cfg.paths.cache_dir, progress=not args.quiet)
+    out = Path(out or Path(cfg.paths.out_dir)/'validation')
+    rep = validate(source or cfg.data.source, out, cfg.data.labels, cfg.data.min_image_size, cfg.paths.cache_dir, progress=not quiet)
     print(json.dumps({k: rep[k] for k in ('n_items', 'n_ok', 'n_bad', 'n_duplicate_files', 'imbalance_ratio')}
                      | {'cross_split_duplicate_groups': len(rep['cross_split_duplicates']), 'report': str(out/'report.json')}))
     return 0
 
-def run_prepare(args, cfg:Config) -> int:
-    "`clip-har prepare`: write the manifest (and its validation report)."
+# %% ../nbs/12_cli.ipynb #d0950295
+@command
+def run_prepare(cfg:Config,
+                source:str=None, # overrides data.source
+                out:str=None, # manifest folder (default: <paths.data_dir>/prepared)
+                quiet:bool=False):
+    "`clip-har prepare`: validate a source and write its seeded, stratified, leak-free split as a manifest"
     from clip_har.data import prepare
-    if args.source: cfg = cfg.model_copy(update={'data': cfg.data.model_copy(update={'source': args.source})})
-    print(prepare(cfg, args.out, progress=not args.quiet))
+    if source: cfg = cfg.model_copy(update={'data': cfg.data.model_copy(update={'source': source})})
+    print(prepare(cfg, out, progress=not quiet))
     return 0
 
-# %% ../nbs/12_cli.ipynb #da767466
-def run_zeroshot(args, cfg:Config) -> int:
-    "`clip-har zeroshot`: write metrics.json, per_class.csv and confusion_matrix.png; print the headline figures."
+# %% ../nbs/12_cli.ipynb #2a7e40c5
+SPLITS = ['train', 'valid', 'test']
+
+@command
+def run_zeroshot(cfg:Config,
+                 split:Arg(choices=SPLITS)='test', # the manifest split to score (default: test)
+                 manifest:str=None, # a prepared manifest (default: <paths.data_dir>/prepared/manifest.csv)
+                 out:str=None, # metrics folder (default: <paths.out_dir>/zeroshot)
+                 quiet:bool=False):
+    "`clip-har zeroshot`: score the zero-shot classifier of model.* on a prepared split (top-1, top-5, per class, confusion)"
     from clip_har.model import evaluate_zeroshot
-    res = evaluate_zeroshot(cfg, args.split, args.manifest, args.out, progress=not args.quiet)
+    res = evaluate_zeroshot(cfg, split, manifest, out, progress=not quiet)
     print(json.dumps({k: res[k] for k in ('model', 'pretrained', 'split', 'n', 'top1', 'top5', 'smoke_run')}))
     return 0
 
-# %% ../nbs/12_cli.ipynb #c9cc1753
-def run_train(args, cfg:Config) -> int:
-    "`clip-har train`: fine-tune, write the run folder, print the summary (rank 0)."
+# %% ../nbs/12_cli.ipynb #941719e4
+@command
+def run_train(cfg:Config,
+              manifest:str=None, # a prepared manifest (default: <paths.data_dir>/prepared/manifest.csv)
+              out:str=None, # run folder (default: <paths.out_dir>/train)
+              resume:str=None, # a checkpoints/last.pt to continue from after a crash
+              quiet:bool=False):
+    "`clip-har train`: fine-tune with fastai (stages, WiSE-FT); runs under torchrun for DDP/FSDP"
     from clip_har.train import train
     from fastai.torch_core import rank_distrib
-    res = train(cfg, args.manifest, args.out, args.resume, progress=not args.quiet)
+    res = train(cfg, manifest, out, resume, progress=not quiet)
     if rank_distrib() == 0:
         print(json.dumps({k: res.get(k) for k in ('model', 'epochs', 'batches', 'valid_accuracy', 'chance', 'first_train_loss',
                                                   'last_train_loss', 'world_size', 'distributed')}
                          | {'wise_alpha': res.get('wise_ft', {}).get('best_alpha')}))
     return 0
 
-# %% ../nbs/12_cli.ipynb #ffc54e57
-def run_evaluate(args, cfg:Config) -> int:
-    "`clip-har evaluate`: write the report folder; print the headline figures."
+# %% ../nbs/12_cli.ipynb #31c75a81
+@command
+def run_evaluate(cfg:Config,
+                 model:str=None, # a classifier file or an export folder/manifest.json (default: the training run's final model)
+                 split:Arg(choices=SPLITS)=None, # the manifest split to score (default: evaluate.split)
+                 manifest:str=None, # a prepared manifest (default: <paths.data_dir>/prepared/manifest.csv)
+                 out:str=None, # report folder (default: <paths.out_dir>/evaluate)
+                 quiet:bool=False):
+    "`clip-har evaluate`: score a trained model on a held-out split: metrics, plots, calibration, HTML report"
     from clip_har.evaluate import evaluate
-    res = evaluate(cfg, args.model, args.split, args.manifest, args.out, progress=not args.quiet)
+    res = evaluate(cfg, model, split, manifest, out, progress=not quiet)
     print(json.dumps({k: res.get(k) for k in ('model', 'split', 'n', 'top1', 'top5', 'macro_f1', 'macro_auc', 'ece', 'ece_calibrated',
                                               'temperature', 'smoke_run', 'report')}))
     return 0
 
-def run_runs(args, cfg:Config) -> int:
-    "`clip-har runs`: the run comparison table and the registered versions, as markdown."
+# %% ../nbs/12_cli.ipynb #551721a8
+@command
+def run_runs(cfg:Config):
+    "`clip-har runs`: compare the tracked runs (MLflow at track.mlflow_uri) and list the registered versions"
     from clip_har.tracking import compare_runs, model_versions
     runs = compare_runs(cfg.track.mlflow_uri, cfg.track.experiment)
     print(f'## Runs of {cfg.track.experiment} ({cfg.track.mlflow_uri})\n')
@@ -184,122 +167,183 @@ def run_runs(args, cfg:Config) -> int:
         print(versions.to_markdown(index=False) if versions is not None and len(versions) else 'none yet')
     return 0
 
-def run_promote(args, cfg:Config) -> int:
-    "`clip-har promote N`: set the alias on version N of `track.register_as`."
+@command
+def run_promote(cfg:Config,
+                version:Arg(positional=True, type=int), # the version of track.register_as to promote
+                alias:str='champion', # the alias to set (default: champion)
+               ):
+    "`clip-har promote`: point a registry alias (default: champion) at a registered model version"
     from clip_har.tracking import promote
     if not cfg.track.register_as: raise ConfigError('track.register_as is null: there is no registered model to promote')
-    try: promote(cfg.track.mlflow_uri, cfg.track.register_as, args.version, args.alias)
-    except Exception as e: raise ConfigError(f'cannot promote version {args.version} of {cfg.track.register_as}: {str(e).splitlines()[0][:300]}') from None
-    print(json.dumps({'model': cfg.track.register_as, 'version': args.version, 'alias': args.alias}))
+    try: promote(cfg.track.mlflow_uri, cfg.track.register_as, version, alias)
+    except Exception as e: raise ConfigError(f'cannot promote version {version} of {cfg.track.register_as}: {str(e).splitlines()[0][:300]}') from None
+    print(json.dumps({'model': cfg.track.register_as, 'version': version, 'alias': alias}))
     return 0
 
-def run_hub(args, cfg:Config) -> int:
-    "`clip-har hub`: write the Hub folder (with the latest evaluation in its card); push it if asked."
+# %% ../nbs/12_cli.ipynb #f8caeeaf
+@command
+def run_hub(cfg:Config,
+            model:str=None, # a classifier file or an export of one (default: the training run's final model)
+            folder:str=None, # the Hub folder (default: <paths.out_dir>/hub)
+            push:Arg(metavar='REPO_ID')=None, # upload the folder to this Hub repo (needs network and a token)
+           ):
+    "`clip-har hub`: write a Hugging Face Hub folder (open_clip weights, head, model card); --push uploads it"
     from clip_har.tracking import save_hub_folder, push_to_hub, lineage
-    folder = Path(args.folder or Path(cfg.paths.out_dir)/'hub')
-    if args.push and args.folder and (folder/'clip_har.json').is_file() and not args.model: pushed = push_to_hub(folder, args.push)
+    given, folder = folder, Path(folder or Path(cfg.paths.out_dir)/'hub')
+    if push and given and (folder/'clip_har.json').is_file() and not model: pushed = push_to_hub(folder, push)
     else:
         metrics_file = Path(cfg.paths.out_dir)/'evaluate'/'metrics.json'
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        model = Path(args.model) if args.model else trained_model_path(Path(cfg.paths.out_dir)/'train')
+        model = Path(model) if model else trained_model_path(Path(cfg.paths.out_dir)/'train')
         if model.is_dir() or model.name == 'manifest.json':  # an export: its source classifier holds the weights
             from clip_har.export import read_export
             model = Path(read_export(model)['source_model'])
         save_hub_folder(model, folder, metrics, cfg, lineage(cfg))
-        pushed = push_to_hub(folder, args.push) if args.push else None
+        pushed = push_to_hub(folder, push) if push else None
     print(json.dumps({'folder': str(folder), 'pushed': pushed}))
     return 0
 
-# %% ../nbs/12_cli.ipynb #87e6fc6c
-def run_export(args, cfg:Config) -> int:
-    "`clip-har export`: one folder per format and precision; print their parity figures."
+# %% ../nbs/12_cli.ipynb #5c38ee27
+@command
+def run_export(cfg:Config,
+               model:str=None, # a classifier file (default: the training run's final model)
+               manifest:str=None, # prepared data for calibration and checks (default: <paths.data_dir>/prepared/manifest.csv)
+               out:str=None, # exports folder (default: <paths.out_dir>/export)
+               quiet:bool=False):
+    "`clip-har export`: export the trained classifier to ONNX (fp32/fp16/int8), TorchScript or TensorRT, each checked against PyTorch"
     from clip_har.export import export_from_config
-    done = export_from_config(cfg, args.model, args.manifest, args.out, progress=not args.quiet)
+    done = export_from_config(cfg, model, manifest, out, progress=not quiet)
     print(json.dumps([{'export': m['folder'], **m['parity']} for m in done]))
     return 0
 
-def run_predict(args, cfg:Config) -> int:
-    "`clip-har predict`: resumable batch prediction into a parquet file (data-parallel under torchrun)."
+# %% ../nbs/12_cli.ipynb #33001735
+@command
+def run_predict(cfg:Config,
+                input:Arg(positional=True), # a folder, a .txt of paths, a CSV/parquet with a path column, or one image
+                model:Arg(required=True)=None, # a classifier file, an export folder or its manifest.json
+                backend:str=None, # pytorch, torchscript, onnx or tensorrt (default: the model's)
+                out:str='predictions.parquet', # the parquet file (default: predictions.parquet)
+                top_k:int=5, # labels per image (default: 5)
+                batch_size:int=32, # images per forward pass (default: 32)
+                labels:str=None, # comma-separated labels for open-vocabulary prediction (default: the trained ones)
+                quiet:bool=False):
+    "`clip-har predict`: predict a folder, a .txt list or a CSV/parquet of images (or videos) into a parquet file; resumable"
     from clip_har.inference import Predictor, list_inputs, predict_distributed, predict_files
-    inputs = list_inputs(args.input)
-    if args.labels:
-        pred = Predictor(args.model, args.backend).set_labels([l.strip() for l in args.labels.split(',') if l.strip()])
-        df = predict_files(pred, inputs, args.out, args.top_k, args.batch_size, progress=not args.quiet)
-    else: df = predict_distributed(args.model, inputs, args.out, args.backend, args.top_k, args.batch_size, progress=not args.quiet)
+    inputs = list_inputs(input)
+    if labels:
+        pred = Predictor(model, backend).set_labels([l.strip() for l in labels.split(',') if l.strip()])
+        df = predict_files(pred, inputs, out, top_k, batch_size, progress=not quiet)
+    else: df = predict_distributed(model, inputs, out, backend, top_k, batch_size, progress=not quiet)
     if df is not None:
-        print(json.dumps({'out': str(args.out), 'predicted': int(df.error.isna().sum()), 'failed': int(df.error.notna().sum()),
+        print(json.dumps({'out': str(out), 'predicted': int(df.error.isna().sum()), 'failed': int(df.error.notna().sum()),
                           'failed_inputs': df[df.error.notna()].path.tolist()[:20]}))
     return 0
 
-def run_benchmark(args, cfg:Config) -> int:
-    "`clip-har benchmark`: time every backend; write benchmark.md/.json/.png."
+# %% ../nbs/12_cli.ipynb #48546f07
+@command
+def run_benchmark(cfg:Config,
+                  model_name:str='ViT-B-32', # model shape, random weights (default: ViT-B-32)
+                  out:str=None, # results folder (default: <paths.out_dir>/benchmark)
+                  runs:int=20, # timed runs at batch 1 (default: 20)
+                  batch_sizes:str='1,8,32', # comma-separated (default: 1,8,32)
+                  serving:bool=False, # benchmark the HTTP service instead: dynamic batching vs batch-1, served vs raw throughput
+                  requests:int=2000, # requests per concurrency level with --serving (default: 2000)
+                 ):
+    "`clip-har benchmark`: latency p50/p95/p99, throughput and peak memory of every backend, side by side"
     from clip_har.inference import benchmark_backends
-    if args.serving:
+    sizes = [int(b) for b in batch_sizes.split(',')]
+    if serving:
         from clip_har.serve import benchmark_serving
-        out = Path(args.out or Path(cfg.paths.out_dir)/'benchmark'/f'serving-{args.model_name}')
-        benchmark_serving(args.model_name, out, [int(b) for b in args.batch_sizes.split(',')], args.requests)
+        out = Path(out or Path(cfg.paths.out_dir)/'benchmark'/f'serving-{model_name}')
+        benchmark_serving(model_name, out, sizes, requests)
         print((out/'serving.md').read_text())
         return 0
-    out = Path(args.out or Path(cfg.paths.out_dir)/'benchmark')
-    benchmark_backends(args.model_name, out, [int(b) for b in args.batch_sizes.split(',')], args.runs, cfg.export.formats + ['torchscript'] * ('torchscript' not in cfg.export.formats),
+    out = Path(out or Path(cfg.paths.out_dir)/'benchmark')
+    benchmark_backends(model_name, out, sizes, runs, cfg.export.formats + ['torchscript'] * ('torchscript' not in cfg.export.formats),
                        cfg.export.precisions, 'cuda' if cfg.device == 'cuda' else 'cpu')
     print((out/'benchmark.md').read_text())
     return 0
 
-def run_serve(args, cfg:Config) -> int:
-    "`clip-har serve`: the prediction service until SIGTERM/SIGINT (in-flight requests finish first)."
+# %% ../nbs/12_cli.ipynb #fdd07d39
+@command
+def run_serve(cfg:Config,
+              model:str=None, # classifier file, export folder or manifest (default: serve.model, else outputs/export/onnx-fp32, else the trained model)
+              backend:str=None, # must match the model (default: the model's own)
+              host:str=None, # bind address (default: serve.host, 127.0.0.1)
+              port:int=None, # default: serve.port, 8000
+              workers:int=None, # uvicorn worker processes, one model each (default: serve.workers, 1)
+              params:str='params.yaml', overrides:list=(), quiet:bool=False):
+    "`clip-har serve`: the prediction API on uvicorn: /predict, /predict/image, /predict/batch, /predict/video, /labels, /metrics, /docs"
     from clip_har.serve import default_model, serve
-    flags = dict(model=args.model, backend=args.backend, host=args.host, port=args.port, workers=args.workers)
-    cfg = load_config(args.params, args.overrides + [f'serve.{k}={json.dumps(v)}' for k, v in flags.items() if v is not None])
+    flags = dict(model=model, backend=backend, host=host, port=port, workers=workers)
+    cfg = load_config(params, list(overrides) + [f'serve.{k}={json.dumps(v)}' for k, v in flags.items() if v is not None])
     s = cfg.serve
     if not s.model: s.model = str(default_model(cfg))
     if not Path(s.model).exists(): raise FileNotFoundError(f'{s.model}: no such model file or export folder')
-    serve(s, 'warning' if args.quiet else 'info')
+    serve(s, 'warning' if quiet else 'info')
     return 0
 
-def _override_dict(overrides:list[str]) -> dict:
+# %% ../nbs/12_cli.ipynb #d4ab3621
+@command
+def run_dashboard(cfg:Config,
+                  model:str=None, # the model shown first (a file, export, or models:/name/version; default: the first one found)
+                  api:str=None, # a clip_har service URL to offer (its /app page is the webcam view); default: $CLIP_HAR_API_URL
+                  host:str='127.0.0.1', # bind address (default: 127.0.0.1)
+                  port:int=8866, # default: 8866
+                 ):
+    "`clip-har dashboard`: the Voila dashboard: uploads, charts, model choice, labels, batches, evaluation, webcam"
+    from clip_har.dashboard import run_dashboard as run
+    if model and not model.startswith('models:/') and not Path(model).exists():
+        raise FileNotFoundError(f'{model}: no such model file or export folder')
+    mlflow = cfg.track.mlflow_uri if 'mlflow' in cfg.track.backends else None
+    return run(cfg.paths.out_dir, model, api or os.environ.get('CLIP_HAR_API_URL'), mlflow, host, port)
+
+# %% ../nbs/12_cli.ipynb #b306a024
+def _override_dict(overrides:Sequence[str]) -> dict:
     "`--set` strings as a {dotted key: value} dict."
     import yaml
     return {o.split('=', 1)[0].strip(): yaml.safe_load(o.split('=', 1)[1]) for o in overrides}
 
-def _pipeline_folder(args) -> Path:
+def _pipeline_folder(demo:bool, params:str, overrides:Sequence[str]) -> Path:
     "The folder `pipeline`/`retrain` work in: `demo/` (its params.yaml written from ours and the `--set`s) with `--demo`, else here."
-    if not args.demo:
-        if args.overrides: raise ConfigError('the main job reads params.yaml as it is (DVC tracks it): edit it, or use `dvc exp run -S key=value`')
+    if not demo:
+        if overrides: raise ConfigError('the main job reads params.yaml as it is (DVC tracks it): edit it, or use `dvc exp run -S key=value`')
         return Path('.')
     from clip_har.pipeline import write_demo_params
-    ov = _override_dict(args.overrides)
-    write_demo_params('demo', args.params if Path(args.params).is_file() else None, ov.pop('data.source', None), ov)
+    ov = _override_dict(overrides)
+    write_demo_params('demo', params if Path(params).is_file() else None, ov.pop('data.source', None), ov)
     return Path('demo')
 
-def run_pipeline_cmd(args, cfg:Config) -> int:
-    "`clip-har pipeline`: the whole job through DVC (or one stage, or the offline demo)."
+# %% ../nbs/12_cli.ipynb #51b12809
+@command(name='pipeline')
+def run_pipeline_cmd(cfg:Config,
+                     stage:str=None, # run one stage only (what each dvc.yaml stage runs)
+                     demo:bool=False, # the offline smoke run in demo/: tiny random CLIP on har-mini or the fixtures
+                     use_dvc:Arg(flag='--no-dvc')=True, # run the stages one after another instead of `dvc repro`
+                     write_dvc:bool=False, # regenerate dvc.yaml and demo/dvc.yaml from the stage table, then stop
+                     params:str='params.yaml', overrides:list=(), quiet:bool=False):
+    "`clip-har pipeline`: the main job: prepare, zeroshot, train, evaluate, export, benchmark, each a notebook run by papermill, chained by DVC"
     from clip_har.pipeline import run_pipeline, run_stage, write_dvc_yaml
-    if args.write_dvc:
+    if write_dvc:
         print(json.dumps([str(write_dvc_yaml('.')), str(write_dvc_yaml('demo', '../'))])); return 0
-    if args.stage:
-        print(json.dumps({'stage': args.stage, 'record': str(run_stage(args.stage, args.params, _override_dict(args.overrides), progress=not args.quiet))}))
+    if stage:
+        print(json.dumps({'stage': stage, 'record': str(run_stage(stage, params, _override_dict(overrides), progress=not quiet))}))
         return 0
-    folder = _pipeline_folder(args)
-    ran = run_pipeline(folder, use_dvc=args.use_dvc, progress=not args.quiet)
-    print(json.dumps({'folder': str(folder), 'ran': ran}))
+    folder = _pipeline_folder(demo, params, overrides)
+    print(json.dumps({'folder': str(folder), 'ran': run_pipeline(folder, use_dvc=use_dvc, progress=not quiet)}))
     return 0
 
-def run_retrain(args, cfg:Config) -> int:
-    "`clip-har retrain`: pull, run the pipeline, gate the candidate against the champion."
+@command
+def run_retrain(cfg:Config,
+                demo:bool=False, # retrain the demo pipeline in demo/
+                use_dvc:Arg(flag='--no-dvc')=True, # run the stages one after another instead of `dvc repro`
+                params:str='params.yaml', overrides:list=()):
+    "`clip-har retrain`: pull data (dvc), run the pipeline, promote the new model only if it beats the champion (retrain.*)"
     from clip_har.pipeline import retrain
-    print(json.dumps(retrain(_pipeline_folder(args), args.use_dvc)))
+    print(json.dumps(retrain(_pipeline_folder(demo, params, overrides), use_dvc)))
     return 0
 
-def run_dashboard(args, cfg:Config) -> int:
-    "`clip-har dashboard`: Voila on the dashboard notebook until interrupted."
-    from clip_har.dashboard import run_dashboard as run
-    if args.model and not args.model.startswith('models:/') and not Path(args.model).exists():
-        raise FileNotFoundError(f'{args.model}: no such model file or export folder')
-    mlflow = cfg.track.mlflow_uri if 'mlflow' in cfg.track.backends else None
-    return run(cfg.paths.out_dir, args.model, args.api or os.environ.get('CLIP_HAR_API_URL'), mlflow, args.host, args.port)
-
-# %% ../nbs/12_cli.ipynb #cd10b568
+# %% ../nbs/12_cli.ipynb #5d75cad7
 def main(argv:list[str]|None=None) -> int:
     "Run `clip-har` with `argv` (default: the process arguments); return the exit status."
     parser = build_parser()
@@ -307,7 +351,7 @@ def main(argv:list[str]|None=None) -> int:
     if args.quiet: get_logger(level='WARNING')
     try:
         cfg = load_config(args.params, args.overrides)
-        return args.run(args, cfg)
+        return run_command(args, cfg)
     except (ClipHarError, FileNotFoundError) as e:  # what a user can fix: one line, no traceback
         print(f'clip-har {args.command}: error: {e}', file=sys.stderr)
         return 2
