@@ -10,7 +10,7 @@ from pathlib import Path
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Sequence
 
-import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
+import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import *  # noqa: F401,F403 (fit_one_cycle, fit_flat_cos)
@@ -34,7 +34,8 @@ __all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'fly
            'TrainState', 'ProgressReport', 'read_train_checkpoint', 'HeadOnFeatures', 'feature_dataloaders',
            'head_on_features', 'stage_lrs', 'fit_stages', 'fibonacci_argmax', 'wise_ft_state', 'wise_ft_curve',
            'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog', 'ShardedDataTrainer', 'shard_model',
-           'distributed_mode', 'init_distributed', 'select_wise_ft', 'save_valid_logits', 'saved_valid_logits', 'train',
+           'distributed_mode', 'init_distributed', 'select_wise_ft', 'save_valid_logits', 'saved_valid_logits',
+           'join_run', 'resume_from', 'record_rank', 'final_classifier', 'finish_tracking', 'select_final', 'train',
            'benchmark_training']
 
 # %% ../nbs/05_train.ipynb #3dff374f
@@ -437,7 +438,71 @@ def saved_valid_logits(model_file:Path, # a classifier file
     same = d['model_sha256'] == file_sha256(model_file) and d['precision'] == precision and torch.equal(d['targets'], targets)
     return d['logits'] if same else None
 
-# %% ../nbs/05_train.ipynb #980db86e
+# %% ../nbs/05_train.ipynb #70058991
+def join_run(cfg:Config) -> tuple[str|None, torch.device, int]:
+    "The distributed mode (None, ddp or fsdp), this process's device and its rank, joining the process group under torchrun."
+    mode, device = distributed_mode(cfg), get_device(cfg.device)
+    if mode:
+        if device.type == 'cuda': device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        init_distributed(device)
+    return mode, device, rank_distrib()
+
+def resume_from(model:nn.Module, ckpt:dict|None, resume:str|Path|None) -> RunState:
+    "A fresh `RunState`, or the one of checkpoint `ckpt` (its weights loaded into `model`)."
+    if not ckpt: return RunState()
+    load_state_dict_checked(model, ckpt['model'], str(resume))
+    state = RunState(ckpt['stage'], ckpt['epoch'], ckpt['batches'], ckpt['best'], ckpt['history'])
+    get_logger('train').info(f"resuming {resume}: stage {state.stage + 1}, {state.epoch} epochs done, {state.batches} batches")
+    return state
+
+def record_rank(out:Path, rank:int, mode:str, weights:dict, model:nn.Module, shard_log):
+    "Each rank's record of a distributed run: a digest of its final weights, what it trained on (DDP) or how it was sharded (FSDP)."
+    import hashlib
+    digest = hashlib.sha256(b''.join(v.numpy().tobytes() for _, v in sorted(weights.items()))).hexdigest()
+    extra = {'train_indices_epoch1': shard_log.idxs} if mode == 'ddp' else \
+            {'sharded_params': sum(type(p).__name__ == 'DTensor' for p in model.parameters()), 'params': len(list(model.parameters()))}
+    (out/f'rank{rank}.json').write_text(json.dumps({'rank': rank, 'weights_sha256': digest, **extra}))
+    torch.distributed.barrier()
+
+# %% ../nbs/05_train.ipynb #ca9e1f8d
+def final_classifier(cfg:Config, learn:Learner, meta:dict, mode:str|None, weights:dict, out:Path) -> nn.Module:
+    "The trained classifier as a plain module (the best epoch where early stopping watched), saved as `model.pt`."
+    best = out/'checkpoints'/'best.pt'
+    if best.exists() and cfg.train.patience: weights = torch.load(best, map_location='cpu', weights_only=True)['model']
+    plain = build_model(cfg, backbone_from_meta(meta, weights=False)) if mode == 'fsdp' else unwrap(learn.model)
+    plain.load_state_dict(weights)
+    if isinstance(plain, FlypClassifier): plain = plain.to_classifier()
+    return plain
+
+def finish_tracking(tracker:Tracker, cfg:Config, summary:dict, artifacts:list, manifest:Path, out:Path):
+    "Log the run's final figures and files, register its final model, write `train_metrics.json` and end the run."
+    final = out/summary['final_model']
+    summary['mlflow_run_id'] = tracker.mlflow_run_id
+    tracker.log_metrics({'final_valid_accuracy': summary['valid_accuracy'], 'wise_ft_alpha': summary.get('wise_ft', {}).get('best_alpha')})
+    tracker.log_artifacts(artifacts)
+    registered = tracker.log_model(final, cfg.track.register_as, {'valid_accuracy': round(summary['valid_accuracy'], 4),
+                                                                   **{k: v for k, v in lineage(cfg, manifest).items() if v is not None}})
+    if registered: summary['registered'] = {k: registered[k] for k in ('model_uri', 'version', 'aliases')}
+    (out/'train_metrics.json').write_text(json.dumps({k: v for k, v in summary.items() if k != 'history'}, indent=2))
+    tracker.log_artifacts([out/'train_metrics.json']); tracker.end()
+
+# %% ../nbs/05_train.ipynb #693e6b03
+def select_final(cfg:Config, plain:nn.Module, zs_state:dict|None, clip:Clip, manifest:Path, meta:dict, out:Path, precision:str, device,
+                 summary:dict) -> list[Path]:
+    "Score the fine-tuned model on the valid split and choose the final one (the WiSE-FT blend, for a linear CE head); its extra files."
+    valid_rows = read_manifest(manifest, cfg.data.labels).query("split == 'valid'")
+    vdl = eval_dataloader(valid_rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
+    plain.to(device)
+    logits, y = predict_logits(plain, vdl, progress=False, task='train: final valid pass', precision=precision)
+    summary.update(valid_accuracy=float((logits.argmax(-1) == y).float().mean()), chance=1 / len(cfg.data.labels), final_model='model.pt')
+    if zs_state is None or cfg.train.head != 'linear':
+        save_valid_logits(out/'model.pt', logits, y, precision); return []
+    summary['wise_ft'] = select_wise_ft(plain, zs_state, vdl, cfg.train.wise_alphas, meta, out, precision, known={1.0: (logits, y)},
+                                        search=cfg.train.wise_search)
+    summary['final_model'] = 'wise_ft.pt'
+    return [out/'wise_ft.pt', out/'wise_ft.png']
+
+# %% ../nbs/05_train.ipynb #7a0443e9
 def train(cfg:Config, # all parameters
           manifest:str|Path|None=None, # defaults to `<paths.data_dir>/prepared/manifest.csv`
           out_dir:str|Path|None=None, # defaults to `<paths.out_dir>/train`
@@ -445,13 +510,9 @@ def train(cfg:Config, # all parameters
           progress:bool=True, # fastai's progress bars
          ) -> dict:
     "Fine-tune `cfg.model` on the prepared data; return the run's summary."
-    mode = distributed_mode(cfg)
-    device = get_device(cfg.device)
-    if mode:
-        if device.type == 'cuda': device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        init_distributed(device)
-    rank = rank_distrib()
+    mode, device, rank = join_run(cfg)
     out = Path(out_dir or Path(cfg.paths.out_dir)/'train')
+    manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
     seed_everything(cfg.seed)
     clip = load_clip(cfg.model.name, cfg.model.pretrained, device)
     meta = dict(backbone_meta(clip), labels=list(cfg.data.labels), head=cfg.train.head, loss=cfg.train.loss)
@@ -459,14 +520,9 @@ def train(cfg:Config, # all parameters
     dls = dataloaders_from_config(cfg, manifest, device)
     model = build_model(cfg, clip)
     zs_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if cfg.train.loss == 'ce' else None
-    state = RunState()
-    if ckpt:
-        load_state_dict_checked(model, ckpt['model'], str(resume))
-        state = RunState(ckpt['stage'], ckpt['epoch'], ckpt['batches'], ckpt['best'], ckpt['history'])
-        get_logger('train').info(f"resuming {resume}: stage {state.stage + 1}, {state.epoch} epochs done, {state.batches} batches")
-    if mode:
-        per_rank = len(dls.train.items) // num_distrib()
-        if dls.bs > per_rank: raise DataSourceError(f'batch size {dls.bs} is larger than the {per_rank} training images each of the {num_distrib()} processes gets')
+    state = resume_from(model, ckpt, resume)
+    if mode and dls.bs > len(dls.train.items) // num_distrib():
+        raise DataSourceError(f'batch size {dls.bs} is larger than the {len(dls.train.items) // num_distrib()} training images each of the {num_distrib()} processes gets')
     if mode == 'fsdp': shard_model(model)
     learn = build_learner(cfg, dls, model, out)
     precision = dict(train=amp_mode(cfg.train.precision, device) or 'fp32', valid=resolve_precision(cfg.precision, device))
@@ -476,64 +532,28 @@ def train(cfg:Config, # all parameters
     if mode == 'fsdp': learn.add_cb(ShardedDataTrainer())
     if (not progress or rank) and hasattr(learn, 'progress'): learn.remove_cb(learn.progress)
     if rank == 0: out.mkdir(parents=True, exist_ok=True); save_config(cfg, out/'params.yaml')
-    cbs = [TrainState(state, out/'checkpoints', meta, cfg.train.monitor, sharded=mode == 'fsdp'), ProgressReport(state, [s.name for s in cfg.train.run_stages])]
-    manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
-    tracker = Tracker.from_config(cfg) if rank == 0 else Tracker()
-    tracker.start(f'train-{cfg.model.name}', config_dict(cfg), lineage(cfg, manifest))
-    cbs.append(TrackerCallback(tracker, state, cfg.track.log_every))
+    tracker = (Tracker.from_config(cfg) if rank == 0 else Tracker()).start(f'train-{cfg.model.name}', config_dict(cfg), lineage(cfg, manifest))
     shard_log = ShardLog()
-    if mode == 'ddp': cbs.append(shard_log)
+    cbs = [TrainState(state, out/'checkpoints', meta, cfg.train.monitor, sharded=mode == 'fsdp'), ProgressReport(state, [s.name for s in cfg.train.run_stages]),
+           TrackerCallback(tracker, state, cfg.track.log_every)] + [shard_log] * (mode == 'ddp')
     t0 = time.time()
     learn.model.to(device)
     try: fit_stages(learn, cfg, state, ckpt.get('opt') if ckpt else None, cbs, precision['valid'])
     except BaseException: tracker.end('FAILED'); raise
-    final_weights = full_state_dict(learn.model)
-    summary = dict(meta, precision=precision, batches=state.batches, epochs=len(state.history), seconds=round(time.time() - t0, 1), world_size=max(1, num_distrib()),
-                   distributed=mode, history=state.history)
-    if mode:
-        import hashlib
-        digest = hashlib.sha256(b''.join(v.numpy().tobytes() for _, v in sorted(final_weights.items()))).hexdigest()
-        extra = {'train_indices_epoch1': shard_log.idxs} if mode == 'ddp' else \
-                {'sharded_params': sum(type(p).__name__ == 'DTensor' for p in learn.model.parameters()),
-                 'params': len(list(learn.model.parameters()))}
-        (out/f'rank{rank}.json').write_text(json.dumps({'rank': rank, 'weights_sha256': digest, **extra}))
-        torch.distributed.barrier()
+    weights = full_state_dict(learn.model)
+    summary = dict(meta, precision=precision, batches=state.batches, epochs=len(state.history), seconds=round(time.time() - t0, 1),
+                   world_size=max(1, num_distrib()), distributed=mode, history=state.history)
+    if mode: record_rank(out, rank, mode, weights, learn.model, shard_log)
     if rank != 0:
         if mode: torch.distributed.destroy_process_group()
         return summary
-    best = out/'checkpoints'/'best.pt'
-    if best.exists() and cfg.train.patience:  # early stopping watched the monitor: keep the best epoch
-        final_weights = torch.load(best, map_location='cpu', weights_only=True)['model']
-    plain = build_model(cfg, backbone_from_meta(meta, weights=False)) if mode == 'fsdp' else unwrap(learn.model)
-    plain.load_state_dict(final_weights)
-    if isinstance(plain, FlypClassifier):
-        plain = plain.to_classifier(); zs_state = None
+    plain = final_classifier(cfg, learn, meta, mode, weights, out)
     save_classifier(plain, meta | {'loss': 'ce', 'head': cfg.train.head}, out/'model.pt', history=state.history)
-    import pandas as pd
     pd.DataFrame(state.history).to_csv(out/'history.csv', index=False)
-    valid_rows = read_manifest(manifest, cfg.data.labels).query("split == 'valid'")
-    vdl = eval_dataloader(valid_rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
-    plain.to(device)
-    logits, y = predict_logits(plain, vdl, progress=False, task='train: final valid pass', precision=precision['valid'])
-    summary['valid_accuracy'] = float((logits.argmax(-1) == y).float().mean())
-    summary['chance'] = 1 / len(cfg.data.labels)
-    artifacts = [out/'model.pt', out/'history.csv', out/'params.yaml']
-    if zs_state is not None and cfg.train.head == 'linear':
-        summary['wise_ft'] = select_wise_ft(plain, zs_state, vdl, cfg.train.wise_alphas, meta, out, precision['valid'], known={1.0: (logits, y)},
-                                            search=cfg.train.wise_search)
-        artifacts += [out/'wise_ft.pt', out/'wise_ft.png']
-    else: save_valid_logits(out/'model.pt', logits, y, precision['valid'])
+    artifacts = [out/'model.pt', out/'history.csv', out/'params.yaml'] + select_final(cfg, plain, zs_state, clip, manifest, meta, out, precision['valid'], device, summary)
     h = state.history
     summary.update(first_train_loss=h[0]['train_loss'] if h else None, last_train_loss=h[-1]['train_loss'] if h else None)
-    final = out/'wise_ft.pt' if 'wise_ft' in summary else out/'model.pt'
-    summary.update(final_model=final.name, mlflow_run_id=tracker.mlflow_run_id)
-    tracker.log_metrics({'final_valid_accuracy': summary['valid_accuracy'], 'wise_ft_alpha': summary.get('wise_ft', {}).get('best_alpha')})
-    tracker.log_artifacts(artifacts)
-    registered = tracker.log_model(final, cfg.track.register_as, {'valid_accuracy': round(summary['valid_accuracy'], 4),
-                                                                   **{k: v for k, v in lineage(cfg, manifest).items() if v is not None}})
-    if registered: summary['registered'] = {k: registered[k] for k in ('model_uri', 'version', 'aliases')}
-    (out/'train_metrics.json').write_text(json.dumps({k: v for k, v in summary.items() if k != 'history'}, indent=2))
-    tracker.log_artifacts([out/'train_metrics.json']); tracker.end()
+    finish_tracking(tracker, cfg, summary, artifacts, manifest, out)
     if mode: torch.distributed.destroy_process_group()
     get_logger('train').info(f"{cfg.model.name}: valid accuracy {summary['valid_accuracy']:.3f} (chance {summary['chance']:.3f}); "
                              f"train loss {summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}; {out}")
