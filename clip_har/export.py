@@ -19,7 +19,7 @@ __all__ = ['EXPORT_FORMAT', 'FORMATS', 'PRECISIONS', 'BACKENDS', 'INT8_SCHEME', 
            'ExportError', 'manifest_path', 'read_export', 'export_onnx', 'onnx_fp16', 'onnx_int8', 'onnx_session',
            'export_torchscript', 'load_torchscript', 'tensorrt', 'build_tensorrt_engine', 'OnnxRunner',
            'TorchScriptRunner', 'TensorRTRunner', 'runner', 'parity', 'check_parity', 'write_export_summary',
-           'export_model', 'export_from_config']
+           'export_graphs', 'export_model', 'export_from_config']
 
 # %% ../nbs/06_export.ipynb #523460fe
 class ImageGraph(nn.Module):
@@ -252,6 +252,30 @@ def write_export_summary(out_dir:str|Path, # the export folder
     (out/'summary.md').write_text('# Exports and their parity with PyTorch\n\n' + pd.DataFrame(rows).to_markdown(index=False) + '\n')
     return out/'summary.json'
 
+# %% ../nbs/06_export.ipynb #14b867d5
+def export_graphs(fmt:str, # torchscript, onnx or tensorrt
+                  prec:str, # fp32, fp16 or int8
+                  image:nn.Module, text:nn.Module, # `ImageGraph` and `TextGraph`
+                  example:torch.Tensor, tokens:torch.Tensor, # example inputs to trace with
+                  folder:Path, # where the graph files go
+                  opset:int=17, # ONNX opset
+                  x_cal:np.ndarray|None=None, # TensorRT's int8 calibration images
+                 ) -> dict:
+    "Write the image and text graphs of one export into `folder`; their file names."
+    if fmt == 'torchscript':
+        return {'image': export_torchscript(image, example, folder/'image.ts').name, 'text': export_torchscript(text, tokens, folder/'text.ts').name}
+    onnx32 = export_onnx(image, example, folder/'image.fp32.onnx', 'image', ['logits', 'embeddings'], opset)
+    text_file = export_onnx(text, tokens, folder/'text.onnx', 'tokens', ['embeddings'], opset)
+    if fmt == 'onnx':
+        img = {'fp32': lambda: onnx32, 'fp16': lambda: onnx_fp16(onnx32, folder/'image.fp16.onnx'),
+               'int8': lambda: onnx_int8(onnx32, folder/'image.int8.onnx')}[prec]()
+    else:
+        img = build_tensorrt_engine(onnx32, folder/f'image.{prec}.plan', prec, _batches(x_cal, 8))
+        text_file = build_tensorrt_engine(text_file, folder/'text.plan', 'fp32', input_name='tokens')
+    for f in folder.glob('*.onnx'):
+        if f not in (img, text_file): f.unlink()
+    return {'image': img.name, 'text': text_file.name}
+
 # %% ../nbs/06_export.ipynb #bbe87272
 def _batches(x:np.ndarray, bs:int=16) -> list[np.ndarray]: return [x[i:i + bs] for i in range(0, len(x), bs)]
 
@@ -296,20 +320,7 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
         with tempfile.TemporaryDirectory(dir=out_dir) as tmpd:
             tmp = Path(tmpd)
             t0 = time.perf_counter()
-            if fmt == 'torchscript':
-                graphs = {'image': export_torchscript(image, example, tmp/'image.ts').name, 'text': export_torchscript(text, tokens, tmp/'text.ts').name}
-            else:
-                onnx32 = export_onnx(image, example, tmp/'image.fp32.onnx', 'image', ['logits', 'embeddings'], opset)
-                text_file = export_onnx(text, tokens, tmp/'text.onnx', 'tokens', ['embeddings'], opset)
-                if fmt == 'onnx':
-                    img = {'fp32': lambda: onnx32, 'fp16': lambda: onnx_fp16(onnx32, tmp/'image.fp16.onnx'),
-                           'int8': lambda: onnx_int8(onnx32, tmp/'image.int8.onnx')}[prec]()
-                else:
-                    img = build_tensorrt_engine(onnx32, tmp/f'image.{prec}.plan', prec, _batches(x_cal, 8))
-                    text_file = build_tensorrt_engine(text_file, tmp/'text.plan', 'fp32', input_name='tokens')
-                for f in tmp.glob('*.onnx'):
-                    if f not in (img, text_file): f.unlink()
-                graphs = {'image': img.name, 'text': text_file.name}
+            graphs = export_graphs(fmt, prec, image, text, example, tokens, tmp, opset, x_cal)
             man = dict(base, backend=fmt, precision=prec, graphs=graphs, export_seconds=round(time.perf_counter() - t0, 2),
                        **({'quantization': INT8_SCHEME} if (fmt, prec) == ('onnx', 'int8') else {}))
             man['parity'] = parity(ref, _run_all(runner({**man, 'folder': str(tmp)}), x_val))
