@@ -20,7 +20,8 @@ from .inference import Predictor
 
 # %% auto #0
 __all__ = ['REPORT_FIGURES', 'HEADLINE', 'evaluation_metrics', 'fit_temperature', 'worst_mistakes', 'plot_per_class', 'plot_roc',
-           'plot_reliability', 'plot_mistakes', 'evaluation_html', 'evaluation_markdown', 'evaluation_rows', 'evaluate']
+           'plot_reliability', 'plot_mistakes', 'evaluation_html', 'evaluation_markdown', 'evaluation_rows',
+           'model_scorer', 'write_evaluation', 'evaluate']
 
 # %% ../nbs/08_evaluate.ipynb #a43ba23b
 def _reliability(probs:np.ndarray, y:np.ndarray, n_bins:int) -> list[dict]:
@@ -230,50 +231,25 @@ def evaluation_rows(manifest:str|Path|pd.DataFrame, # a manifest from `prepare` 
                                          'prepare with data.test_pct > 0 or choose another split')
     return rows.reset_index(drop=True)
 
-# %% ../nbs/08_evaluate.ipynb #b1f63d89
-def evaluate(cfg:Config, # data, evaluate, paths and track settings
-             model:str|Path|None=None, # a classifier file (default: the final model of `<paths.out_dir>/train`)
-             split:str|None=None, # default `evaluate.split`
-             manifest:str|Path|None=None, # defaults to `<paths.data_dir>/prepared/manifest.csv`
-             out_dir:str|Path|None=None, # defaults to `<paths.out_dir>/evaluate`
-             progress:bool=True, # progress bars
-            ) -> dict:
-    "Evaluate a trained classifier on a held-out split; write metrics, plots and the report; log them to the tracker."
-    split = split or cfg.evaluate.split
-    train_dir = Path(cfg.paths.out_dir)/'train'
-    model_path = Path(model) if model else trained_model_path(train_dir)
-    manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
-    out = Path(out_dir or Path(cfg.paths.out_dir)/'evaluate'); out.mkdir(parents=True, exist_ok=True)
-    device, precision = get_device(cfg.device), 'fp32'
+# %% ../nbs/08_evaluate.ipynb #35ce746c
+def model_scorer(model_path:Path, # a classifier file, or an export folder or its manifest.json
+                 cfg:Config, # `device` and `precision`
+                ) -> tuple:
+    "What scores `model_path`: its meta, labels, preprocessing, forward function, precision and the classifier (None for an export)."
     if model_path.is_dir() or model_path.name == 'manifest.json':  # an export: scored through its backend, at its own precision
-        pred = Predictor(model_path)
-        m = pred.manifest
+        pred = Predictor(model_path); m = pred.manifest
         meta = dict(model=f"{m['model']} ({m['backend']} {m['precision']})", labels=pred.trained_labels, pretrained=None if m.get('smoke_run') else 'export')
-        labels, preprocess, device = pred.trained_labels, pred.preprocess, torch.device('cpu')
         def forward(xb): return torch.from_numpy(pred.logits(xb.cpu().numpy()))
-    else:
-        meta = read_classifier_meta(model_path)
-        clf = load_classifier(model_path).to(device)
-        labels, preprocess, forward, precision = clf.labels, clf.preprocess, clf, resolve_precision(cfg.precision, device)
-    table = read_manifest(manifest)
-    rows = evaluation_rows(table, split, meta['labels'], manifest)
-    def logits_of(r): return predict_logits(forward, eval_dataloader(r, labels, preprocess, cfg.data.batch_size, cfg.data.num_workers, device), progress,
-                                            f"evaluate {r.split.iloc[0] if 'split' in r and len(r) else ''}".strip(), precision)
-    logits, y = logits_of(rows)
-    metrics = evaluation_metrics(logits, y, labels, cfg.evaluate.calibration_bins)
-    valid = table[table.split == 'valid']
-    calibrated = None
-    if split != 'valid' and len(valid):
-        vy = torch.tensor([labels.index(l) for l in valid.label])
-        kept = saved_valid_logits(model_path, vy, precision) if model_path.is_file() and model_path.name != 'manifest.json' else None
-        metrics['valid_logits_reused'] = kept is not None  # training's pass over the same split with the same weights
-        T = fit_temperature(kept, vy) if kept is not None else fit_temperature(*logits_of(valid))
-        calibrated = evaluation_metrics(logits / T, y, labels, cfg.evaluate.calibration_bins)
-        metrics.update(temperature=T, ece_calibrated=calibrated['ece'], nll_calibrated=calibrated['nll'])
-    if precision != 'fp32': metrics['precision_check'] = precision_check(clf, image_batch(list(rows.path[:32]), preprocess), precision)
-    result = dict(model=meta['model'], model_path=str(model_path), report=str(out/'report.html'), split=split, manifest=str(manifest), wise_alpha=meta.get('wise_alpha'), precision=precision,
-                  smoke_run=meta.get('pretrained') is None or meta['model'] == TINY_MODEL, **metrics)
-    mistakes = worst_mistakes(logits, y, list(rows.path), labels, cfg.evaluate.mistakes)
+        return meta, pred.trained_labels, pred.preprocess, forward, 'fp32', None
+    device = get_device(cfg.device)
+    clf = load_classifier(model_path).to(device)
+    return read_classifier_meta(model_path), clf.labels, clf.preprocess, clf, resolve_precision(cfg.precision, device), clf
+
+# %% ../nbs/08_evaluate.ipynb #f070fb59
+def write_evaluation(out:Path, result:dict, calibrated:dict|None, logits:torch.Tensor, y:torch.Tensor, rows:pd.DataFrame,
+                     labels:Sequence[str], n_mistakes:int) -> list[Path]:
+    "Write predictions, per-class table, plots, mistakes and the reports into `out`; the files to log."
+    mistakes = worst_mistakes(logits, y, list(rows.path), labels, n_mistakes)
     probs = logits.softmax(-1)
     pd.DataFrame(dict(path=rows.path, label=rows.label, predicted=[labels[i] for i in probs.argmax(-1)],
                       score=probs.max(-1).values.numpy().round(4))).to_csv(out/'predictions.csv', index=False)
@@ -288,11 +264,48 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
     (out/'details.json').write_text(json.dumps(result, indent=2))
     summary = {k: result[k] for k in HEADLINE if result.get(k) is not None}
     (out/'metrics.json').write_text(json.dumps({k: result[k] for k in ('model', 'split', 'n', 'smoke_run', 'precision')} | summary, indent=2))
+    return [out/'report.html', out/'report.md', out/'metrics.json', out/'details.json', out/'per_class.csv', *figs.values()]
+
+# %% ../nbs/08_evaluate.ipynb #2cd700f0
+def evaluate(cfg:Config, # data, evaluate, paths and track settings
+             model:str|Path|None=None, # a classifier file (default: the final model of `<paths.out_dir>/train`)
+             split:str|None=None, # default `evaluate.split`
+             manifest:str|Path|None=None, # defaults to `<paths.data_dir>/prepared/manifest.csv`
+             out_dir:str|Path|None=None, # defaults to `<paths.out_dir>/evaluate`
+             progress:bool=True, # progress bars
+            ) -> dict:
+    "Evaluate a trained classifier on a held-out split; write metrics, plots and the report; log them to the tracker."
+    split = split or cfg.evaluate.split
+    train_dir = Path(cfg.paths.out_dir)/'train'
+    model_path = Path(model) if model else trained_model_path(train_dir)
+    manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
+    out = Path(out_dir or Path(cfg.paths.out_dir)/'evaluate'); out.mkdir(parents=True, exist_ok=True)
+    meta, labels, preprocess, forward, precision, clf = model_scorer(model_path, cfg)
+    device = next(clf.parameters()).device if clf is not None else torch.device('cpu')
+    table = read_manifest(manifest)
+    rows = evaluation_rows(table, split, meta['labels'], manifest)
+    def logits_of(r): return predict_logits(forward, eval_dataloader(r, labels, preprocess, cfg.data.batch_size, cfg.data.num_workers, device), progress,
+                                            f"evaluate {r.split.iloc[0] if 'split' in r and len(r) else ''}".strip(), precision)
+    logits, y = logits_of(rows)
+    metrics = evaluation_metrics(logits, y, labels, cfg.evaluate.calibration_bins)
+    valid = table[table.split == 'valid']
+    calibrated = None
+    if split != 'valid' and len(valid):
+        vy = torch.tensor([labels.index(l) for l in valid.label])
+        kept = saved_valid_logits(model_path, vy, precision) if clf is not None else None
+        metrics['valid_logits_reused'] = kept is not None  # training's pass over the same split with the same weights
+        T = fit_temperature(kept, vy) if kept is not None else fit_temperature(*logits_of(valid))
+        calibrated = evaluation_metrics(logits / T, y, labels, cfg.evaluate.calibration_bins)
+        metrics.update(temperature=T, ece_calibrated=calibrated['ece'], nll_calibrated=calibrated['nll'])
+    if precision != 'fp32': metrics['precision_check'] = precision_check(clf, image_batch(list(rows.path[:32]), preprocess), precision)
+    result = dict(model=meta['model'], model_path=str(model_path), report=str(out/'report.html'), split=split, manifest=str(manifest), wise_alpha=meta.get('wise_alpha'), precision=precision,
+                  smoke_run=meta.get('pretrained') is None or meta['model'] == TINY_MODEL, **metrics)
+    files = write_evaluation(out, result, calibrated, logits, y, rows, labels, cfg.evaluate.mistakes)
     run_id = json.loads((train_dir/'train_metrics.json').read_text()).get('mlflow_run_id') if not model and (train_dir/'train_metrics.json').is_file() else None
     tracker = Tracker.from_config(cfg).start(f'evaluate-{meta["model"]}', None if run_id else config_dict(cfg),
                                                   None if run_id else lineage(cfg, manifest), run_id=run_id)
-    tracker.log_metrics({f'{split}_{k}': v for k, v in summary.items()})
-    tracker.log_artifacts([out/'report.html', out/'report.md', out/'metrics.json', out/'details.json', out/'per_class.csv', *figs.values()], 'evaluation')
+    tracker.log_metrics({f'{split}_{k}': v for k, v in result.items() if k in HEADLINE and v is not None})
+    tracker.log_artifacts(files, 'evaluation')
     tracker.end()
     get_logger('evaluate').info(f"{meta['model']} on {split} ({len(rows)} images): top-1 {result['top1']:.3f}, macro F1 {result['macro_f1']:.3f}, "
                                 f"ECE {result['ece']:.3f}" + (f" -> {result['ece_calibrated']:.3f} at T={result['temperature']:.2f}" if calibrated else '') + f'; {out}')
