@@ -1,0 +1,37 @@
+"""The package's shape: notebook order is import order, functions stay short, no code written twice (tools/structure.py measures)."""
+import shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT/'tools'))
+import structure
+
+def test_every_module_comes_from_one_numbered_notebook():
+    order = structure.module_order()
+    exported = {p.stem for p in (ROOT/'clip_har').glob('*.py') if not p.name.startswith('_')}
+    assert set(order) == exported, (sorted(order), sorted(exported))
+
+def test_no_module_imports_a_later_one():
+    "Module-level and function-level imports alike: a module imports only from notebooks before it."
+    assert structure.backward_imports() == []
+
+def test_the_import_check_can_fail(tmp_path, monkeypatch):
+    "The check sees an import inside a function of a later module (here: core importing serve)."
+    pkg = tmp_path/'clip_har'; pkg.mkdir()
+    (pkg/'core.py').write_text('def f():\n    from clip_har.serve import create_app\n    return create_app\n')
+    (pkg/'serve.py').write_text('from .core import *\n')
+    monkeypatch.setattr(structure, 'PKG', pkg)
+    monkeypatch.setattr(structure, 'module_order', lambda: {'core': 0, 'serve': 9})
+    assert structure.backward_imports() == ['clip_har/core.py:2 imports serve (notebook 09 >= 00)']
+
+def test_no_function_longer_than_60_lines():
+    long = [(n, name) for n, name in structure.function_lengths() if n > 60]
+    assert not long, f'functions over 60 lines: {long}'
+
+@pytest.mark.skipif(shutil.which('duplicates') is None, reason='the `duplicates` command (the tool library) is not on this machine')
+def test_no_duplicated_blocks_in_the_package():
+    "No two places in clip_har/ share six or more lines of the same shape (data tables and the generated index aside)."
+    r = subprocess.run(['duplicates', '--repo', str(ROOT/'clip_har'), '--most', '50'], capture_output=True, text=True, timeout=120)
+    rows = [l for l in r.stdout.splitlines() if l.startswith('D') and '_modidx.py' not in l and 'boilerplate' not in l]
+    assert not rows, r.stdout
