@@ -54,6 +54,7 @@ def _argument(name:str, v) -> tuple[list[str], dict]:
         return [name], kw
     return [spec.flag or '--' + name.replace('_', '-')], dict(kw, dest=name, default=default)
 
+# %% ../nbs/12_cli.ipynb #b15f0783
 def add_command(sub, name:str, f) -> argparse.ArgumentParser:
     "A subparser for command `name` from its function's signature and docments."
     p = sub.add_parser(name, help=f.__doc__.split(': ', 1)[-1])
@@ -167,6 +168,7 @@ def run_runs(cfg:Config):
         print(versions.to_markdown(index=False) if versions is not None and len(versions) else 'none yet')
     return 0
 
+# %% ../nbs/12_cli.ipynb #475d0fef
 @command
 def run_promote(cfg:Config,
                 version:Arg(positional=True, type=int), # the version of track.register_as to promote
@@ -333,6 +335,7 @@ def run_pipeline_cmd(cfg:Config,
     print(json.dumps({'folder': str(folder), 'ran': run_pipeline(folder, use_dvc=use_dvc, progress=not quiet)}))
     return 0
 
+# %% ../nbs/12_cli.ipynb #60eda905
 @command
 def run_retrain(cfg:Config,
                 demo:bool=False, # retrain the demo pipeline in demo/

@@ -81,6 +81,7 @@ class DataConfig(_Section):
             raise ValueError(f'valid_pct + test_pct must be below 1, got {self.valid_pct} + {self.test_pct}')
         return self
 
+# %% ../nbs/00_core.ipynb #b43347cb
 class ModelConfig(_Section):
     "The open_clip backbone and the prompts of its zero-shot classifier."
     name: str = 'ViT-B-16'  # an open_clip model name, `hf-hub:<org>/<repo>` or `local-dir:<folder>`
@@ -88,6 +89,7 @@ class ModelConfig(_Section):
     templates: Literal['action', 'imagenet']|list[str] = 'action'  # prompt templates: ours, CLIP's 80 ImageNet ones, or a list of format strings
     phrases: dict[str, list[str]] = {}  # label -> phrasings, on top of the built-in HAR phrasings
 
+# %% ../nbs/00_core.ipynb #89dad8e6
 class StageConfig(_Section):
     "One stage of staged fine-tuning: which parameters train, for how long, at what peak learning rate."
     name: str  # shown in logs and checkpoints
@@ -95,6 +97,7 @@ class StageConfig(_Section):
     epochs: int = Field(1, gt=0)
     lr: float = Field(1e-3, gt=0)  # the head's peak learning rate; lower groups get lr x lr_mult per group
 
+# %% ../nbs/00_core.ipynb #e9b39130
 class TrainConfig(_Section):
     "Fine-tuning: head, loss, stages, optimiser, schedule, precision, checkpoints and WiSE-FT."
     head: Literal['linear', 'mlp'] = 'linear'  # linear starts as the zero-shot classifier (needed by WiSE-FT)
@@ -144,6 +147,7 @@ class EvaluateConfig(_Section):
     calibration_bins: int = Field(15, ge=2)  # bins of the reliability diagram and ECE
     mistakes: int = Field(12, ge=0)  # worst mistakes shown in the report
 
+# %% ../nbs/00_core.ipynb #ff80ac09
 class TrackConfig(_Section):
     "Experiment tracking (MLflow, W&B, both or neither) and the model registry."
     backends: list[Literal['mlflow', 'wandb']] = ['mlflow']  # where runs are logged; [] for nowhere
@@ -157,6 +161,7 @@ class ParityLimit(_Section):
     max_abs: float|None = Field(None, gt=0)  # largest allowed |logit difference|; null: not checked
     agreement: float = Field(1.0, ge=0, le=1)  # smallest allowed share of images with the same top-1 label
 
+# %% ../nbs/00_core.ipynb #69de9796
 class ExportConfig(_Section):
     "Export formats and precisions, their parity thresholds, and how many real images calibrate and check them."
     formats: list[Literal['onnx', 'torchscript', 'tensorrt']] = ['onnx']
@@ -168,6 +173,7 @@ class ExportConfig(_Section):
         'fp32': ParityLimit(max_abs=1e-3, agreement=1.0), 'fp16': ParityLimit(max_abs=0.25, agreement=0.98),
         'int8': ParityLimit(max_abs=None, agreement=0.9)}
 
+# %% ../nbs/00_core.ipynb #553ad8ed
 class ServeConfig(_Section):
     "The prediction service (`clip-har serve`): model, micro-batching, limits, keys, URL input, CORS."
     model: str|None = None  # a classifier file or export; null: outputs/export/onnx-fp32 if there, else the trained model
@@ -199,6 +205,7 @@ class RetrainConfig(_Section):
     metric: Literal['top1', 'top5', 'macro_f1', 'weighted_f1', 'macro_auc'] = 'top1'  # compared on the evaluate split, both models scored afresh
     min_gain: float = 0.0  # the candidate must beat the champion by more than this
 
+# %% ../nbs/00_core.ipynb #914a1ca3
 class Config(_Section):
     "All of clip_har's parameters, as read from `params.yaml`."
     seed: int = 42  # seeds python, numpy and torch
@@ -232,6 +239,7 @@ def _allowed_keys(model:type[BaseModel], loc:Sequence) -> list[str]:
         model = ann
     return list(model.model_fields)
 
+# %% ../nbs/00_core.ipynb #3379d13b
 def _explain(err:ValidationError, origin:str) -> str:
     "A readable, key-by-key explanation of a config validation error."
     lines = []
@@ -269,6 +277,7 @@ def parse_overrides(overrides:Sequence[str]|Mapping[str,Any]|None, # `["data.bat
         d[leaf] = v
     return nested
 
+# %% ../nbs/00_core.ipynb #cd82b37b
 def _merge(base:dict, upd:dict) -> dict:
     "Recursively merge `upd` into a copy of `base`."
     out = dict(base)
@@ -315,6 +324,7 @@ def seed_everything(seed:int=42, # the seed
     set_seed(seed, reproducible=reproducible)
     return seed
 
+# %% ../nbs/00_core.ipynb #f63393fd
 def get_device(pref:str='auto', # auto, cuda, mps or cpu
               ):
     "The torch device for `pref`; `auto` takes cuda, then mps, then cpu."
@@ -348,6 +358,7 @@ def resolve_precision(precision:str='auto', # auto, fp32, bf16 or fp16 (from par
     if precision == 'bf16' and kind == 'cpu': return 'bf16'  # asked for: runs everywhere, fast where the CPU has it
     raise ConfigError(f'precision {precision} needs a CUDA device; use auto, fp32 or (on CPUs) bf16 on {kind}')
 
+# %% ../nbs/00_core.ipynb #0b0f2a63
 def autocast(precision:str, # from `resolve_precision`
              device='cpu'):
     "A context in which forward passes run at `precision` (autocast for bf16/fp16; nothing for fp32)."
@@ -491,6 +502,7 @@ def fixtures_dir() -> Path:
     if p is None or not p.exists(): raise FileNotFoundError('the fixture images ship with the source checkout (nbs/fixtures/har-tiny)')
     return p
 
+# %% ../nbs/00_core.ipynb #3cbaceed
 def har_mini_dir() -> Path|None:
     "The 1,200-image har-mini set (`$CLIP_HAR_MINI` or `../shared/data/har-mini`), or None when absent."
     env = os.environ.get('CLIP_HAR_MINI')

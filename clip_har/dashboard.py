@@ -38,6 +38,7 @@ class LocalSource:
         "A new label set through the text encoder, or None for the trained labels."
         self.predictor.reset_labels() if labels is None else self.predictor.set_labels(list(labels))
 
+# %% ../nbs/10_dashboard.ipynb #f639682e
 class RemoteSource:
     "Predictions from a clip_har service."
     def __init__(self, client): self.client = client
@@ -75,6 +76,7 @@ def find_models(out_dir:str|Path='outputs', # the pipeline's output folder
         except Exception as e: get_logger().info(f'no registry models listed ({type(e).__name__}: {e})')
     return {name: loc for _, name, loc in sorted(ranked, key=lambda r: r[0])}
 
+# %% ../nbs/10_dashboard.ipynb #f124cff7
 def open_source(location:str, # a model path, a `models:/name/version` URI, or an http(s) API URL
                 mlflow_uri:str|None=None, api_key:str|None=None, cache_dir:str|Path|None=None):
     "A `LocalSource` or `RemoteSource` for `location`."
@@ -118,6 +120,7 @@ def read_inputs(source:str|Path|bytes) -> list[tuple[str, Callable[[], bytes]]]:
     if p.is_file(): return [(p.name, p.read_bytes)]
     raise FileNotFoundError(f'{source}: no such folder, zip or image')
 
+# %% ../nbs/10_dashboard.ipynb #15dd83f7
 def predict_many(source, # a LocalSource or RemoteSource
                  inputs:Sequence[tuple[str, Callable]], # from `read_inputs`
                  k:int=5, chunk:int=16,
@@ -240,6 +243,7 @@ def on_upload(self:Dashboard, files):
     self.uploads = [(f['name'], bytes(f['content'])) for f in files]
     self.render_uploads()
 
+# %% ../nbs/10_dashboard.ipynb #e94fe0df
 @patch
 def render_uploads(self:Dashboard):
     "Each uploaded image beside its prediction chart; a bad file becomes a message in its place."
@@ -257,6 +261,7 @@ def render_uploads(self:Dashboard):
     self.results.children = rows
     self.say(f'{len(bad)} of {len(self.uploads)} files could not be read: {", ".join(bad)}' if bad else '', 'error' if bad else 'info')
 
+# %% ../nbs/10_dashboard.ipynb #6fafff77
 @patch
 def run_batch(self:Dashboard):
     "Predict every image of the folder or zip; show the table and a CSV download."
@@ -275,6 +280,7 @@ def run_batch(self:Dashboard):
                             f'<a download="predictions.csv" href="data:text/csv;base64,{csv}" class="clip-har-csv">Download CSV</a></p>'
                             + df.head(50).to_html(index=False, na_rep=''))
 
+# %% ../nbs/10_dashboard.ipynb #e2aafe4c
 @patch
 def apply_labels(self:Dashboard, text:str|None):
     "Use the labels in `text` (one per line or comma-separated), or the trained ones for None; re-score the uploads."
@@ -286,6 +292,7 @@ def apply_labels(self:Dashboard, text:str|None):
         self.say(f'{len(self.source.labels)} labels in use' + (' (open vocabulary)' if labels else ' (trained)'))
     except Exception as e: self.say(f'labels: {e}', 'error')
 
+# %% ../nbs/10_dashboard.ipynb #e9c6f62b
 @patch
 def show_performance(self:Dashboard):
     "Fill the Performance tab from the latest evaluation and the exports' parity summary."
@@ -307,6 +314,7 @@ def show_performance(self:Dashboard):
     self.perf.value = (f'<p>{head}</p><div style="display:flex;gap:1rem;flex-wrap:wrap">{plots}</div>'
                        + '<h4>Per class</h4>' + ev['per_class'].round(3).to_html(index=False) + mistakes + export_summary_html(self.out))
 
+# %% ../nbs/10_dashboard.ipynb #bcb396d6
 def export_summary_html(out_dir:str|Path) -> str:
     "The exports' parity with PyTorch as an HTML table: those written, and those refused with the reason ('' before any export)."
     f = Path(out_dir)/'export'/'summary.json'
@@ -317,6 +325,7 @@ def export_summary_html(out_dir:str|Path) -> str:
                   max_abs_diff=r['parity']['max_abs_diff'], reason=r['reason']) for r in s['refused']]
     return '<h4>Exports: parity with PyTorch</h4>' + pd.DataFrame(rows).round(4).to_html(index=False, classes='clip-har-exports')
 
+# %% ../nbs/10_dashboard.ipynb #fbba492e
 @patch
 def show_webcam(self:Dashboard):
     "Embed the service's live webcam page, or say how to get one."
@@ -340,6 +349,7 @@ def dashboard_command(host:str='127.0.0.1', port:int=8866) -> list[str]:
     return [voila, str(dashboard_notebook()), '--no-browser', f'--port={port}', f'--Voila.ip={host}',
             '--VoilaConfiguration.show_tracebacks=False']
 
+# %% ../nbs/10_dashboard.ipynb #9a862c42
 def stop_tree(pid:int, timeout:float=10.0):
     "SIGTERM a process and everything it started (Voila's kernels run in sessions of their own), then SIGKILL what is left."
     import psutil
@@ -354,6 +364,7 @@ def stop_tree(pid:int, timeout:float=10.0):
         try: p.kill()
         except psutil.NoSuchProcess: pass
 
+# %% ../nbs/10_dashboard.ipynb #c968ea31
 def run_dashboard(out_dir:str|Path='outputs', model:str|None=None, api_url:str|None=None, mlflow_uri:str|None=None,
                   host:str='127.0.0.1', port:int=8866) -> int:
     "Serve the dashboard with Voila until SIGTERM/SIGINT; Voila and its kernels stop with it. Returns Voila's exit status."

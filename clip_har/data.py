@@ -109,6 +109,7 @@ def materialize_images(blobs:Sequence[bytes], # encoded image bytes
         paths.append(p)
     return paths
 
+# %% ../nbs/01_data.ipynb #483c7c09
 def items_from_table(df:pd.DataFrame, # columns: an image or path column and a label column
                      label_names:Sequence[str]|None, # names for integer labels (index order)
                      cache_dir:str|Path, # where image bytes are written
@@ -165,6 +166,7 @@ def _items_from_dataset(ds, cache_dir, origin, split=None) -> pd.DataFrame:
     names = _hf_label_names({k: {'names': getattr(v, 'names', None)} for k, v in ds.features.items()})
     return items_from_table(ds.to_pandas(), names, cache_dir, origin=origin, split=split)
 
+# %% ../nbs/01_data.ipynb #00d140ea
 def read_saved_dataset(path:str|Path, # a `Dataset.save_to_disk` or `DatasetDict.save_to_disk` folder
                        cache_dir:str|Path='.cache', # where image bytes are written
                       ) -> pd.DataFrame:
@@ -196,6 +198,7 @@ def is_hub_clone(folder:Path) -> bool:
     "Whether `folder` is a local clone of a Hub dataset repository: a `README.md` and parquet files under `data/`."
     return (folder/'README.md').is_file() and any((folder/'data').glob('*.parquet'))
 
+# %% ../nbs/01_data.ipynb #91bbd55a
 def read_hub_clone(folder:str|Path, # a `git clone` (or snapshot download) of a Hub dataset repository
                    cache_dir:str|Path='.cache', # where image bytes are written
                    split:str='train', # the labelled split to read (its files are `data/<split>-*.parquet`)
@@ -245,6 +248,7 @@ def inspect_image(path:str|Path) -> dict:
     except Exception as e: out['error'] = f'cannot decode: {type(e).__name__}: {e}'
     return out
 
+# %% ../nbs/01_data.ipynb #3e9a717e
 def inspect_items(items:pd.DataFrame, # an items table
                   n_workers:int=2, # threads decoding images
                   progress:bool=True, # show a progress bar (for more than 200 images)
@@ -298,6 +302,7 @@ def plot_class_balance(counts:dict, # label -> number of good images
     if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
+# %% ../nbs/01_data.ipynb #849cb67b
 def report_markdown(rep:dict) -> str:
     "The validation report as a markdown page."
     lines = [f"# Data validation: {rep['source']}", '',
@@ -315,6 +320,7 @@ def report_markdown(rep:dict) -> str:
         if rows: lines += ['', f'## {title} ({len(rows)})', ''] + [f'- {fmt(r)}' for r in rows]
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/01_data.ipynb #6b6e7c9e
 def write_report(rep:dict, out_dir:str|Path) -> Path:
     "Write `report.json`, `report.md` and `class_balance.png` to `out_dir`; return the JSON's path."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -367,6 +373,7 @@ def write_manifest(df:pd.DataFrame, path:str|Path) -> Path:
     tmp = path.with_suffix('.tmp'); out.to_csv(tmp, index=False); tmp.replace(path)
     return path
 
+# %% ../nbs/01_data.ipynb #342199d8
 def read_manifest(path:str|Path, # a manifest written by `prepare`
                   labels:Sequence[str]|None=None, # the configured label set: any other label is an error
                  ) -> pd.DataFrame:
@@ -437,6 +444,7 @@ def clip_transform(preprocess:dict|None=None, # size, mean, std, interpolation, 
     return image_transform_v2(PreprocessCfg(size=int(pp['size']), mean=tuple(pp['mean']), std=tuple(pp['std']),
                                             interpolation=pp['interpolation'], resize_mode=pp['resize_mode']), is_train=False)
 
+# %% ../nbs/01_data.ipynb #57b34422
 class ClipEvalTransform(Transform):
     "fastai item transform around `clip_transform`: PIL image in, normalised (3, H, W) tensor out (no batch transform after it)."
     order = 1  # before fastai's ToTensor, which then leaves the tensor alone
@@ -455,6 +463,7 @@ def clip_normalize(mean:Sequence[float], std:Sequence[float]):
     from fastai.vision.all import Normalize, tensor
     return Normalize.from_stats(tensor(mean), tensor(std))
 
+# %% ../nbs/01_data.ipynb #e50e2c6f
 def train_augmentations(size:int, # output size
                         strength:float=0.5, # 0 (none) to 1
                        ) -> list:
@@ -465,6 +474,7 @@ def train_augmentations(size:int, # output size
             Brightness(max_lighting=0.4 * strength, p=0.8), Contrast(max_lighting=0.4 * strength, p=0.8),
             Saturation(max_lighting=0.4 * strength, p=0.8), Hue(max_hue=0.1 * strength, p=0.8)]
 
+# %% ../nbs/01_data.ipynb #409c5b84
 def har_dataloaders(manifest:str|Path|pd.DataFrame, # a manifest (path or table) with train and valid rows
                     labels:Sequence[str]=HAR_LABELS, # class names in index order
                     preprocess:dict|None=None, # size, mean, std, interpolation (see `clip_preprocess_cfg`); OpenAI CLIP's at 224 px by default
@@ -552,6 +562,7 @@ def decode_image(image, # a path, encoded bytes, or a PIL image
     except Image.DecompressionBombError as e: raise ImageTooLargeError(f'{name}: more pixels than allowed ({e})') from None
     except Exception as e: raise ImageDecodeError(f'{name}: not a readable image ({type(e).__name__}: {e})') from None
 
+# %% ../nbs/01_data.ipynb #2e8ddcba
 def image_batch(images:Sequence, # paths, encoded bytes or PIL images
                 preprocess:dict|None=None, # as for `eval_transforms`
                 device=None, # where the batch goes

@@ -16,7 +16,7 @@ from .model import backbone_from_meta, load_classifier, load_clip, read_classifi
 
 # %% auto #0
 __all__ = ['EXPORT_FORMAT', 'FORMATS', 'PRECISIONS', 'BACKENDS', 'INT8_SCHEME', 'TENSORRT_MISSING', 'ImageGraph', 'TextGraph',
-           'ExportError', 'manifest_path', 'read_export', 'export_onnx', 'onnx_fp16', 'onnx_int8', 'onnx_session',
+           'ExportError', 'manifest_path', 'read_export', 'onnx_session', 'export_onnx', 'onnx_fp16', 'onnx_int8',
            'export_torchscript', 'load_torchscript', 'tensorrt', 'build_tensorrt_engine', 'OnnxRunner',
            'TorchScriptRunner', 'TensorRTRunner', 'runner', 'parity', 'check_parity', 'write_export_summary',
            'export_graphs', 'export_model', 'export_from_config']
@@ -65,6 +65,15 @@ def read_export(path:str|Path, # an export folder or its manifest.json
             if file_sha256(f) != digest: raise ExportError(f'{folder}: {name} does not match its sha256 in manifest.json: the file was changed after export; refusing to load it')
     return {**man, 'folder': str(folder)}
 
+# %% ../nbs/06_export.ipynb #56de3fbc
+def onnx_session(path:str|Path, precision:str='fp32', providers:Sequence[str]|None=None):
+    "An ONNX Runtime session; explicit providers (onnxruntime-gpu lists CUDA and TensorRT even without a GPU)."
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if precision == 'fp16': so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # ORT 1.31's CPU layout passes crash on fp16 CLIP graphs
+    return ort.InferenceSession(str(path), so, providers=list(providers or ['CPUExecutionProvider']))
+
 # %% ../nbs/06_export.ipynb #98be51e7
 def export_onnx(module:nn.Module, # the graph
                 example:torch.Tensor, # an example input (its batch size does not matter)
@@ -81,6 +90,7 @@ def export_onnx(module:nn.Module, # the graph
         finally: torch.backends.mha.set_fastpath_enabled(fast)
     return Path(path)
 
+# %% ../nbs/06_export.ipynb #90214884
 def onnx_fp16(src:str|Path, dst:str|Path) -> Path:
     "An fp16 copy of an ONNX model (fp32 inputs and outputs kept)."
     import onnx
@@ -90,6 +100,7 @@ def onnx_fp16(src:str|Path, dst:str|Path) -> Path:
 
 INT8_SCHEME = 'dynamic: MatMul/Gemm weights int8 per channel, activations quantised per batch at run time; other ops fp32'
 
+# %% ../nbs/06_export.ipynb #7861b929
 def onnx_int8(src:str|Path, dst:str|Path) -> Path:
     "An int8 copy of an ONNX model: `INT8_SCHEME` (no calibration data needed)."
     from onnxruntime.quantization import quantize_dynamic, QuantType
@@ -101,14 +112,6 @@ def onnx_int8(src:str|Path, dst:str|Path) -> Path:
         quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=['MatMul', 'Gemm'])
     pre.unlink()
     return Path(dst)
-
-def onnx_session(path:str|Path, precision:str='fp32', providers:Sequence[str]|None=None):
-    "An ONNX Runtime session; explicit providers (onnxruntime-gpu lists CUDA and TensorRT even without a GPU)."
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if precision == 'fp16': so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # ORT 1.31's CPU layout passes crash on fp16 CLIP graphs
-    return ort.InferenceSession(str(path), so, providers=list(providers or ['CPUExecutionProvider']))
 
 # %% ../nbs/06_export.ipynb #b896690b
 def export_torchscript(module:nn.Module, example:torch.Tensor, path:str|Path) -> Path:
@@ -137,6 +140,7 @@ def tensorrt():
     if not torch.cuda.is_available(): raise ExportError('TensorRT needs a CUDA GPU and none is visible')
     return trt
 
+# %% ../nbs/06_export.ipynb #a92458f4
 def build_tensorrt_engine(onnx_file:str|Path, # the fp32 ONNX graph
                           engine_file:str|Path, # where the serialized engine goes
                           precision:str='fp16', # fp32, fp16 or int8
@@ -164,6 +168,7 @@ def build_tensorrt_engine(onnx_file:str|Path, # the fp32 ONNX graph
     Path(engine_file).write_bytes(bytes(engine))
     return Path(engine_file)
 
+# %% ../nbs/06_export.ipynb #ca8837ad
 def _int8_calibrator(trt, batches):
     class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
@@ -184,6 +189,7 @@ class OnnxRunner:
         self.input = self.session.get_inputs()[0].name
     def __call__(self, x:np.ndarray) -> list[np.ndarray]: return self.session.run(None, {self.input: x})
 
+# %% ../nbs/06_export.ipynb #1438848a
 class TorchScriptRunner:
     "Runs a TorchScript graph."
     def __init__(self, path, device='cpu'): self.module, self.device = load_torchscript(path, device), device
@@ -191,6 +197,7 @@ class TorchScriptRunner:
         with torch.no_grad(): out = self.module(torch.from_numpy(x).to(self.device))
         return [o.float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
+# %% ../nbs/06_export.ipynb #1fd9ed8b
 class TensorRTRunner:
     "Runs a serialized TensorRT engine on the GPU."
     def __init__(self, path, device='cuda'):
@@ -211,6 +218,7 @@ class TensorRTRunner:
         self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream); torch.cuda.synchronize()
         return [o.cpu().numpy() for o in outs]
 
+# %% ../nbs/06_export.ipynb #95879bb9
 def runner(man:dict, graph:str='image', device:str='cpu', providers:Sequence[str]|None=None):
     "The runner of an export's `graph` ('image' or 'text')."
     f = Path(man['folder'])/man['graphs'][graph]
@@ -228,6 +236,7 @@ def parity(reference:np.ndarray, # PyTorch logits (N, C)
     return dict(max_abs_diff=float(np.abs(reference - exported).max()), top1_agreement=float((reference.argmax(1) == exported.argmax(1)).mean()),
                 n_images=int(len(reference)))
 
+# %% ../nbs/06_export.ipynb #fd61522a
 def check_parity(p:dict, # from `parity`
                  limits:dict, # {'max_abs': float|None, 'agreement': float}
                  what:str) -> None:

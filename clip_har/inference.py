@@ -20,7 +20,7 @@ from .model import (ACTION_TEMPLATES, HAR_PHRASES, backbone_from_meta, check_lab
 
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inputs', 'predict_files', 'predict_distributed',
-           'random_classifier', 'benchmark_models', 'benchmark_backends', 'plot_benchmark', 'benchmark_from_config']
+           'random_classifier', 'plot_benchmark', 'benchmark_models', 'benchmark_backends', 'benchmark_from_config']
 
 # %% ../nbs/07_inference.ipynb #ec63c011
 class _TorchRunner:
@@ -35,6 +35,7 @@ class _TorchRunner:
         if self._text is None: self._text = TextGraph(backbone_from_meta(self.meta, device=self.device).model).eval()
         with torch.no_grad(): return [self._text(torch.from_numpy(tokens).to(self.device)).cpu().numpy()]
 
+# %% ../nbs/07_inference.ipynb #ef2dceeb
 class Predictor:
     "Predict actions with a classifier file (PyTorch) or an export (TorchScript, ONNX Runtime, TensorRT)."
     def __init__(self, model:str|Path, # a classifier file, an export folder or its manifest.json
@@ -82,6 +83,7 @@ def scores(self:Predictor, x:np.ndarray) -> np.ndarray:
     p = np.exp(z)
     return p / p.sum(1, keepdims=True)
 
+# %% ../nbs/07_inference.ipynb #816ddcd4
 @patch
 def top_k(self:Predictor, probs:np.ndarray, # (N, C) probabilities
           k:int=5, # labels per row
@@ -93,6 +95,7 @@ def top_k(self:Predictor, probs:np.ndarray, # (N, C) probabilities
     idx = np.argsort(-probs, 1)[:, :k]
     return [[{'class_name': labels[j], 'score': float(p[j])} for j in row] for p, row in zip(probs, idx)]
 
+# %% ../nbs/07_inference.ipynb #f7d85f68
 @patch
 def predict(self:Predictor, images:Sequence, # paths, encoded bytes or PIL images
             k:int=5, # labels per image
@@ -116,6 +119,7 @@ def encode_text(self:Predictor, texts:Sequence[str]) -> np.ndarray:
     if not hasattr(self, '_tokenizer'): self._tokenizer = open_clip.get_tokenizer(self.manifest['model'])
     return np.concatenate([self._text_run(self._tokenizer(list(texts[i:i + 64])).numpy())[0] for i in range(0, len(texts), 64)])
 
+# %% ../nbs/07_inference.ipynb #18ffcf68
 @patch
 def set_labels(self:Predictor, labels:Sequence[str], # any label names
                templates:Sequence[str]=ACTION_TEMPLATES, # prompt templates
@@ -181,6 +185,7 @@ def video_frames(path:str|Path, # a video file or an animated GIF/WebP
     if not kept: raise ImageDecodeError(f'{path}: the video has no frames')
     return [f.convert('RGB') for f in _evenly(kept, n)]
 
+# %% ../nbs/07_inference.ipynb #b3e7d7ad
 @patch
 def predict_video(self:Predictor, path:str|Path, # a video or animated GIF
                   k:int=5, n_frames:int=8) -> list[dict]:
@@ -208,6 +213,7 @@ PRED_COLUMNS = ['path', 'label', 'score', 'top_labels', 'top_scores', 'error']
 def _write_atomic(df:pd.DataFrame, out:Path):
     tmp = out.with_name(out.name + '.tmp'); df.to_parquet(tmp, index=False); tmp.replace(out)
 
+# %% ../nbs/07_inference.ipynb #73135180
 def predict_files(predictor:Predictor, # any backend
                   inputs:Sequence[str], # image (or video) paths
                   out:str|Path, # the parquet file (re-runs skip the paths already in it)
@@ -241,6 +247,7 @@ def predict_files(predictor:Predictor, # any backend
     if not out.is_file(): _write_atomic(done, out)
     return done
 
+# %% ../nbs/07_inference.ipynb #063d9641
 def predict_distributed(model:str|Path, inputs:Sequence[str], out:str|Path, backend:str|None=None, k:int=5,
                         batch_size:int=32, progress:bool=True) -> pd.DataFrame|None:
     "`predict_files` under torchrun: rank r predicts inputs r, r+n, ...; rank 0 merges the parts into `out`."
@@ -290,6 +297,7 @@ def _bench_worker(model:str, backend:str, batch_sizes:Sequence[int], runs:int, d
     res['peak_mem_mb'] = torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else peak - before
     return res
 
+# %% ../nbs/07_inference.ipynb #f061aefc
 def random_classifier(name:str, # an open_clip model name, e.g. ViT-B-32 or the tiny test model
                       path:str|Path, # where the classifier file goes
                       seed:int=0) -> Path:
@@ -300,6 +308,18 @@ def random_classifier(name:str, # an open_clip model name, e.g. ViT-B-32 or the 
     save_classifier(clf, dict(model=name, pretrained=None, labels=list(HAR_LABELS), head='linear', loss='ce'), path)
     return path
 
+# %% ../nbs/07_inference.ipynb #eb2d2ce6
+def plot_benchmark(df:pd.DataFrame, path:str|Path|None=None, title:str=''):
+    "Throughput of each backend at each batch size, as grouped bars."
+    import matplotlib.pyplot as plt
+    piv = df.pivot(index='backend', columns='batch', values='images_per_s').loc[list(dict.fromkeys(df.backend))]
+    ax = piv.plot.bar(figsize=(7, 3.6), rot=0)
+    ax.set_ylabel('images / s'); ax.set_title(f'throughput: {title}'); ax.legend(title='batch')
+    fig = ax.figure; fig.tight_layout()
+    if path: fig.savefig(path, dpi=100); plt.close(fig)
+    return fig
+
+# %% ../nbs/07_inference.ipynb #63b742e8
 def benchmark_models(targets:Sequence[tuple[str, str]], # (label, model) pairs; a 'pytorch' one is the baseline
                      out_dir:str|Path='outputs/benchmark', # gets benchmark.json, .md, .png
                      batch_sizes:Sequence[int]=(1, 8, 32), # batch sizes to time
@@ -338,6 +358,7 @@ def benchmark_models(targets:Sequence[tuple[str, str]], # (label, model) pairs; 
               f"{b1.p50_ms['pytorch']:.1f} ms: {b1.p50_ms['pytorch'] / b1.p50_ms['onnx-fp32']:.2f}x")
     return df
 
+# %% ../nbs/07_inference.ipynb #2e7b7706
 def benchmark_backends(name:str='ViT-B-32', # model shape (random weights)
                        out_dir:str|Path='outputs/benchmark', # gets benchmark.json, .md, .png and the exports
                        batch_sizes:Sequence[int]=(1, 8, 32), # batch sizes to time
@@ -360,16 +381,6 @@ def benchmark_backends(name:str='ViT-B-32', # model shape (random weights)
     targets = [('pytorch', str(out/'model.pt'))] + [(f"{m['backend']}-{m['precision']}", m['folder']) for m in exports]
     return benchmark_models(targets, out, batch_sizes, runs, device, providers, f'{name} on {device}, random weights',
                             dict(model=name, parity={f"{m['backend']}-{m['precision']}": m['parity'] for m in exports}))
-
-def plot_benchmark(df:pd.DataFrame, path:str|Path|None=None, title:str=''):
-    "Throughput of each backend at each batch size, as grouped bars."
-    import matplotlib.pyplot as plt
-    piv = df.pivot(index='backend', columns='batch', values='images_per_s').loc[list(dict.fromkeys(df.backend))]
-    ax = piv.plot.bar(figsize=(7, 3.6), rot=0)
-    ax.set_ylabel('images / s'); ax.set_title(f'throughput: {title}'); ax.legend(title='batch')
-    fig = ax.figure; fig.tight_layout()
-    if path: fig.savefig(path, dpi=100); plt.close(fig)
-    return fig
 
 # %% ../nbs/07_inference.ipynb #11e7d16f
 def benchmark_from_config(cfg:Config, # paths and device settings

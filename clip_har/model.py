@@ -74,6 +74,7 @@ def _names(keys, n=5) -> str:
     keys = sorted(keys)
     return ', '.join(keys[:n]) + (f' (+{len(keys) - n} more)' if len(keys) > n else '')
 
+# %% ../nbs/03_model.ipynb #e614d0d2
 def load_state_dict_checked(model:nn.Module, # the model to fill
                             sd:dict, # its weights
                             origin:str='checkpoint', # named in errors
@@ -113,6 +114,7 @@ def uses_quick_gelu(model:nn.Module) -> bool:
     from open_clip.transformer import QuickGELU
     return any(isinstance(m, QuickGELU) for m in model.modules())
 
+# %% ../nbs/03_model.ipynb #e8f30def
 def _preprocess_of(model) -> dict:
     import open_clip
     pc = open_clip.get_model_preprocess_cfg(model)
@@ -130,6 +132,7 @@ def tag_quick_gelu(name:str, # an open_clip model name
     cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
     return bool(cfg['quick_gelu']) if 'quick_gelu' in cfg else (False if cfg else None)
 
+# %% ../nbs/03_model.ipynb #1a5b230e
 @contextmanager
 def _no_random_init_notice():
     "Drop open_clip's root-logger notice that a model was built without pretrained weights."
@@ -191,6 +194,7 @@ def load_clip(name:str='ViT-B-16', # open_clip name, `hf-hub:<org>/<repo>` or `l
     if preprocess: pp.update({k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items() if k in pp})
     return Clip(model, tokenizer, pp, name, pretrained, mcfg)
 
+# %% ../nbs/03_model.ipynb #70e3051c
 def _config_text(name:str, cache_dir=None) -> str:
     "The open_clip_config.json of a `local-dir:` or `hf-hub:` model."
     schema, ident = name.split(':', 1)
@@ -269,6 +273,7 @@ def phrases_for(label:str, # a class name, e.g. `listening_to_music`
     if p is None: return [label.replace('_', ' ')]
     return [p] if isinstance(p, str) else list(p)
 
+# %% ../nbs/03_model.ipynb #a61f7bb9
 def class_prompts(labels:Sequence[str], # class names, in class index order
                   templates:Sequence[str]|str=ACTION_TEMPLATES, # format strings, or 'action' / 'imagenet'
                   phrases:Mapping[str, Sequence[str]|str]|None=None, # label -> phrasing(s)
@@ -280,6 +285,7 @@ def class_prompts(labels:Sequence[str], # class names, in class index order
     check_labels(labels)
     return [[t.format(p) for p in phrases_for(l, phrases) for t in templates] for l in labels]
 
+# %% ../nbs/03_model.ipynb #3446887c
 def check_labels(labels:Sequence[str]) -> list[str]:
     "The label list, or a `ValueError` if it is empty or repeats a label."
     labels = list(labels)
@@ -297,6 +303,7 @@ def text_fingerprint(clip:Clip) -> str:
         h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/03_model.ipynb #e9fd9196
 @torch.no_grad()
 def encode_prompts(clip:Clip, # the model
                    prompts:list[list[str]], # per class, its prompts
@@ -315,6 +322,7 @@ def encode_prompts(clip:Clip, # the model
         out.append(F.normalize(embs[i:i + len(ps)].mean(0), dim=-1)); i += len(ps)
     return torch.stack(out).cpu()
 
+# %% ../nbs/03_model.ipynb #66d77f06
 def class_embeddings(clip:Clip, # the model
                      labels:Sequence[str], # class names
                      templates:Sequence[str]|str=ACTION_TEMPLATES, # format strings, or 'action' / 'imagenet'
@@ -383,6 +391,7 @@ class LinearHead(nn.Module):
                 self.fc.weight.copy_(zeroshot.logit_scale * zeroshot.class_emb); self.fc.bias.zero_()
     def forward(self, feats): return self.fc(F.normalize(feats.float(), dim=-1))
 
+# %% ../nbs/03_model.ipynb #7a9956c5
 class MLPHead(nn.Module):
     "dropout -> FC -> ReLU -> FC, the reference design's classification head."
     def __init__(self, dim:int, n_classes:int, hidden:int=512, dropout:float=0.1):
@@ -398,6 +407,7 @@ class MeanPool(nn.Module):
         keep = (~padding_mask).unsqueeze(-1).to(x.dtype)
         return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
 
+# %% ../nbs/03_model.ipynb #b015d9c8
 class AttentionPool(nn.Module):
     "Temporal attention pooling: a learned score per frame, softmax over the frames that are not padding."
     def __init__(self, dim:int, hidden:int=128):
@@ -439,6 +449,7 @@ def clip_classifier(clip:Clip, # the backbone
         return ZeroShotHead(emb, clip.logit_scale, labels)
     return ClipClassifier(clip.model.visual, heads[head](), labels, clip.preprocess)
 
+# %% ../nbs/03_model.ipynb #0e56e677
 def _blocks(visual:nn.Module) -> list[nn.Module]:
     "The visual tower's sequential blocks (ViT resblocks, or ResNet stages)."
     if hasattr(visual, 'transformer'): return list(visual.transformer.resblocks)
@@ -447,6 +458,7 @@ def _blocks(visual:nn.Module) -> list[nn.Module]:
         return list(getattr(t, 'blocks', None) or getattr(t, 'stages', None) or [t])
     return [m for n, m in visual.named_children() if n.startswith('layer')] or [visual]
 
+# %% ../nbs/03_model.ipynb #a8609a0c
 def clip_splitter(model:ClipClassifier, # from `clip_classifier`
                   k:int=2, # how many of the last blocks form the middle group
                  ) -> list[list[nn.Parameter]]:

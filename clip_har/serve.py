@@ -60,6 +60,7 @@ def b64_image(text:str, # base64, or a `data:image/...;base64,` URL
     if not data: raise ServeError(422, f'{name}: empty (0 bytes)')
     return data
 
+# %% ../nbs/09_serve.ipynb #ce26326b
 def preprocess_images(images:Sequence[bytes], # encoded images
                       preprocess:dict, # the model's preprocessing (`Predictor.preprocess`)
                       max_pixels:int, # larger images are refused before decoding
@@ -96,6 +97,7 @@ async def check_url(url:str, # the URL to fetch
     if bad and host not in trusted_hosts: raise ServeError(400, f'URL refused: {host} resolves to a non-public address ({", ".join(bad)})')
     return next((a for a in addrs if ':' not in a), addrs[0])  # IPv4 first
 
+# %% ../nbs/09_serve.ipynb #a72432f7
 def pinned_request(url:str, # the URL as given
                    addr:str, # the address `check_url` approved
                   ) -> tuple[str, dict, dict]:
@@ -105,6 +107,7 @@ def pinned_request(url:str, # the URL as given
     host = parts.netloc.rpartition('@')[2]  # never forward credentials in the URL
     return urlunsplit(parts._replace(netloc=netloc)), {'Host': host, 'Accept': 'image/*'}, {'sni_hostname': parts.hostname} if parts.scheme == 'https' else {}
 
+# %% ../nbs/09_serve.ipynb #df0633af
 async def fetch_url(url:str, # an http(s) image URL
                     max_bytes:int, # larger bodies are refused (413)
                     timeout_s:float, # for the whole fetch, redirects included
@@ -230,6 +233,7 @@ def key_matches(given:str|None, keys:Sequence[str]) -> bool:
     for k in keys: found |= hmac.compare_digest(given.encode(), k.encode())
     return found
 
+# %% ../nbs/09_serve.ipynb #090ac3ea
 class RateLimiter:
     "Token buckets per caller: `burst` requests at once, refilled at `per_minute`."
     def __init__(self, per_minute:float, burst:int, max_callers:int=100_000):
@@ -261,6 +265,7 @@ class PredictResponse(BaseModel):
     backend: str
     timings_ms: dict[str, float]
 
+# %% ../nbs/09_serve.ipynb #9c7e5aad
 class BatchResponse(BaseModel):
     "The answers for several images, in order."
     results: list[list[Prediction]]
@@ -269,6 +274,7 @@ class BatchResponse(BaseModel):
     backend: str
     timings_ms: dict[str, float]
 
+# %% ../nbs/09_serve.ipynb #00153630
 class PredictRequest(BaseModel):
     "One image: base64 (or a data URL) in `image`, or an http(s) `url` when URL input is on."
     model_config = ConfigDict(extra='forbid')
@@ -735,6 +741,7 @@ def predict_from_image_url(self:InferenceClient, url:str, top_k:int|None=None) -
     "Predictions for an image the service fetches (URL input must be on)."
     return self.request('POST', '/predict', json={'url': url, 'top_k': top_k})
 
+# %% ../nbs/09_serve.ipynb #7a64f351
 @patch
 def predict_batch(self:InferenceClient, images:Sequence, # paths or encoded bytes
                   top_k:int|None=None) -> dict:
@@ -821,6 +828,7 @@ def _start_server(model:str, port:int, max_batch:int, max_wait_ms:float, timeout
         except Exception: time.sleep(0.2)
     proc.kill(); raise TimeoutError('clip-har serve did not get ready')
 
+# %% ../nbs/09_serve.ipynb #572640d6
 def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
                       out_dir:str|Path='outputs/benchmark/serving', # gets serving.json, .md, .png
                       concurrencies:Sequence[int]=(1, 8, 32), # requests in flight

@@ -71,6 +71,7 @@ class MLflowBackend:
     def end(self, status:str='FINISHED'):
         import mlflow; mlflow.end_run(status)
 
+# %% ../nbs/04_tracking.ipynb #89d517c1
 class WandbBackend:
     "Logs to Weights & Biases: offline unless `WANDB_API_KEY` is set (or `WANDB_MODE` says otherwise)."
     name = 'W&B'
@@ -165,6 +166,7 @@ def _prepared_source(manifest:Path) -> str|None:
     try: return str(json.loads(rep.read_text())['source']) if rep.is_file() else None
     except (ValueError, KeyError): return None
 
+# %% ../nbs/04_tracking.ipynb #7a2d885a
 def lineage(cfg:Config, # the run's parameters
             manifest:str|Path|None=None, # the data manifest it read
            ) -> dict:
@@ -204,6 +206,7 @@ def _image_input(v, i:int):
         raise ImageDecodeError(f'image {i}: neither an existing file nor base64 image data')
     raise ImageDecodeError(f'image {i}: expected a path, base64 text or bytes, got {type(v).__name__}')
 
+# %% ../nbs/04_tracking.ipynb #edea40cb
 def pyfunc_images(model_input) -> list:
     "The images of a pyfunc input: a DataFrame's `image` column, a Series, a list, or one value."
     if isinstance(model_input, pd.DataFrame):
@@ -214,6 +217,7 @@ def pyfunc_images(model_input) -> list:
     values = list(model_input) if isinstance(model_input, (pd.Series, list, tuple)) else [model_input]
     return [_image_input(v, i) for i, v in enumerate(values)]
 
+# %% ../nbs/04_tracking.ipynb #7a33fbf0
 class HarPyfuncModel(PythonModel):
     "MLflow pyfunc model over a clip_har classifier file: images in, labels and scores out."
     def load_context(self, context):
@@ -271,6 +275,7 @@ def promote(uri:str, # MLflow tracking URI
     import mlflow
     mlflow.MlflowClient(uri).set_registered_model_alias(name, alias, str(version))
 
+# %% ../nbs/04_tracking.ipynb #0970a53b
 def model_versions(uri:str, name:str) -> pd.DataFrame:
     "Every version of a registered model with its aliases, run and tags, newest first."
     import mlflow
@@ -280,6 +285,7 @@ def model_versions(uri:str, name:str) -> pd.DataFrame:
                  created=pd.Timestamp(v.creation_timestamp, unit='ms'), **v.tags) for v in client.search_model_versions(f"name='{name}'")]
     return pd.DataFrame(rows).sort_values('version', ascending=False).reset_index(drop=True)
 
+# %% ../nbs/04_tracking.ipynb #ae9c95c6
 def compare_runs(uri:str, # MLflow tracking URI
                  experiment:str='clip_har', # experiment name
                  columns:Sequence[str]=('params.model.name', 'params.train.head', 'params.train.loss', 'metrics.final_valid_accuracy',
@@ -367,6 +373,7 @@ def save_hub_folder(model_path:str|Path, # a classifier file from `save_classifi
     (folder/'README.md').write_text(model_card(meta, metrics, cfg, lineage_tags))
     return folder
 
+# %% ../nbs/04_tracking.ipynb #a3122817
 def load_hub_classifier(folder:str|Path, # a folder from `save_hub_folder` (or its Hub download)
                        ) -> ClipClassifier:
     "The classifier saved in a Hub folder."

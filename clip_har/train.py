@@ -98,6 +98,7 @@ def build_model(cfg:Config, clip:Clip) -> nn.Module:
     if cfg.train.loss == 'flyp': return FlypClassifier(clip, cfg.data.labels, cfg.model.templates, phrases)
     return clip_classifier(clip, cfg.data.labels, cfg.train.head, cfg.model.templates, phrases, cfg.paths.cache_dir)
 
+# %% ../nbs/05_train.ipynb #a026967b
 def build_learner(cfg:Config, # the run's parameters
                   dls, # fastai DataLoaders (train, valid)
                   model:nn.Module, # from `build_model`
@@ -138,6 +139,7 @@ def load_opt_state(opt, sd:dict):
     from fastcore.foundation import L
     opt.load_state_dict({**sd, 'hypers': L(sd['hypers'])})
 
+# %% ../nbs/05_train.ipynb #7fa68d7d
 @dataclass
 class RunState:
     "What a run has done so far; it outlives the stages' `fit` calls and is saved in every checkpoint."
@@ -147,6 +149,7 @@ class RunState:
     best: float|None = None  # best monitored score so far
     history: list = field(default_factory=list)  # one row per epoch
 
+# %% ../nbs/05_train.ipynb #1c19ce18
 class TrainState(Callback):
     "Counts batches, records epochs and writes atomic `last.pt`/`best.pt` checkpoints."
     order = 55  # after the Recorder (50) has the epoch's metrics, before early stopping (60) may end the fit
@@ -217,6 +220,7 @@ class HeadOnFeatures(nn.Module):
     def state_dict(self, *args, **kwargs): return self.classifier.state_dict(*args, **kwargs)
     def load_state_dict(self, sd, strict:bool=True, **kwargs): return self.classifier.load_state_dict(sd, strict, **kwargs)
 
+# %% ../nbs/05_train.ipynb #b9adf67d
 def feature_dataloaders(learn:Learner, # holds a `ClipClassifier` and image DataLoaders
                         precision:str='fp32', # of the feature pass
                        ):
@@ -229,6 +233,7 @@ def feature_dataloaders(learn:Learner, # holds a `ClipClassifier` and image Data
         return TensorDataset(*predict_logits(clf.visual, dl, False, f'train head: features of the {what} images', precision))
     return DataLoaders.from_dsets(features(dls.train.items, 'training'), features(dls.valid.items, 'validation'), bs=dls.bs, device=dls.device)
 
+# %% ../nbs/05_train.ipynb #43d99988
 @contextmanager
 def head_on_features(learn:Learner, precision:str='fp32'):
     "Within: `learn` trains its classifier's head on cached features; after: on images again."
@@ -255,6 +260,7 @@ def fit_stages(learn:Learner, # from `build_learner`
     "Train every stage of `cfg.train.run_stages` from where `state` says the run is."
     with torch.enable_grad(): return _fit_stages(learn, cfg, state, opt_state, extra_cbs, precision)
 
+# %% ../nbs/05_train.ipynb #93e48efd
 def _fit_stages(learn, cfg, state, opt_state, extra_cbs, precision='fp32'):
     t = cfg.train
     if learn.opt is None: learn.create_opt()
@@ -306,6 +312,7 @@ def wise_ft_state(zs:dict, # zero-shot weights
     return {k: ((1 - alpha) * zs[k].float() + alpha * ft[k].float()).to(ft[k].dtype) if ft[k].is_floating_point() else ft[k]
             for k in ft}
 
+# %% ../nbs/05_train.ipynb #62603c82
 def wise_ft_curve(model:nn.Module, # the classifier architecture (its weights are replaced)
                   zs:dict, ft:dict, # zero-shot and fine-tuned state dicts
                   dl, # validation DataLoader
@@ -331,6 +338,7 @@ def wise_ft_curve(model:nn.Module, # the classifier architecture (its weights ar
     return dict(alphas=[alphas[i] for i in sorted(scored)], accuracy=[scored[i] for i in sorted(scored)], best_alpha=alphas[best],
                 best_accuracy=scored[best], passes=len(passes), grid=alphas, best_logits=outputs[alphas[best]])
 
+# %% ../nbs/05_train.ipynb #7ad34d0b
 def plot_wise_ft(curve:dict, path:str|Path|None=None):
     "Validation accuracy against the blend weight `alpha`."
     import matplotlib.pyplot as plt
@@ -366,6 +374,7 @@ class ShardLog(Callback):
     def after_epoch(self):
         if not self.idxs and hasattr(self.dls.train, 'last_idxs'): self.idxs = sorted(map(int, self.dls.train.last_idxs))
 
+# %% ../nbs/05_train.ipynb #05de28a0
 class ShardedDataTrainer(Callback):
     "For FSDP: each rank reads its own shard of the data (the model is already sharded)."
     order = 11
@@ -378,6 +387,7 @@ class ShardedDataTrainer(Callback):
         if not isinstance(self.learn.dl, DistributedDL): self.learn.dl = HarDistributedDL(self.learn.dl, device=self.dls.device)
     def after_fit(self): self.learn.dls.loaders = self.old
 
+# %% ../nbs/05_train.ipynb #bbf3ad14
 def shard_model(model:nn.Module) -> nn.Module:
     "Shard the image tower's blocks and the whole model with FSDP2's `fully_shard`."
     from torch.distributed.fsdp import fully_shard
@@ -392,6 +402,7 @@ def distributed_mode(cfg:Config) -> str|None:
     if num_distrib() <= 1: return None
     return 'ddp' if cfg.train.distributed == 'auto' else cfg.train.distributed
 
+# %% ../nbs/05_train.ipynb #8bd4de57
 def init_distributed(device) -> None:
     "Join the process group torchrun set up (gloo on CPU, NCCL on GPUs)."
     if torch.distributed.is_initialized(): return
@@ -420,6 +431,7 @@ def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding th
     plot_wise_ft(curve, out/'wise_ft.png')
     return curve
 
+# %% ../nbs/05_train.ipynb #8005b2ec
 def save_valid_logits(model_file:Path, # the classifier file they belong to
                       logits:torch.Tensor, targets:torch.Tensor, # its pass over the validation split, in manifest order
                       precision:str) -> Path:
@@ -427,6 +439,7 @@ def save_valid_logits(model_file:Path, # the classifier file they belong to
     return atomic_save(dict(model_sha256=file_sha256(model_file), logits=logits, targets=targets, precision=precision),
                        Path(model_file).parent/'valid_logits.pt')
 
+# %% ../nbs/05_train.ipynb #0da4f82e
 def saved_valid_logits(model_file:Path, # a classifier file
                        targets:torch.Tensor, # the validation split's targets, in manifest order
                        precision:str, # the precision the caller would run at
@@ -447,6 +460,7 @@ def join_run(cfg:Config) -> tuple[str|None, torch.device, int]:
         init_distributed(device)
     return mode, device, rank_distrib()
 
+# %% ../nbs/05_train.ipynb #813cc848
 def resume_from(model:nn.Module, ckpt:dict|None, resume:str|Path|None) -> RunState:
     "A fresh `RunState`, or the one of checkpoint `ckpt` (its weights loaded into `model`)."
     if not ckpt: return RunState()
@@ -455,6 +469,7 @@ def resume_from(model:nn.Module, ckpt:dict|None, resume:str|Path|None) -> RunSta
     get_logger('train').info(f"resuming {resume}: stage {state.stage + 1}, {state.epoch} epochs done, {state.batches} batches")
     return state
 
+# %% ../nbs/05_train.ipynb #343a0534
 def record_rank(out:Path, rank:int, mode:str, weights:dict, model:nn.Module, shard_log):
     "Each rank's record of a distributed run: a digest of its final weights, what it trained on (DDP) or how it was sharded (FSDP)."
     import hashlib
@@ -474,6 +489,7 @@ def final_classifier(cfg:Config, learn:Learner, meta:dict, mode:str|None, weight
     if isinstance(plain, FlypClassifier): plain = plain.to_classifier()
     return plain
 
+# %% ../nbs/05_train.ipynb #6f013788
 def finish_tracking(tracker:Tracker, cfg:Config, summary:dict, artifacts:list, manifest:Path, out:Path):
     "Log the run's final figures and files, register its final model, write `train_metrics.json` and end the run."
     final = out/summary['final_model']

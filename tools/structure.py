@@ -63,6 +63,11 @@ def _defs(src:str) -> list[ast.AST]:
     return [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 def _is_export(src:str) -> bool: return bool(re.search(r'^#\|\s*export', src, re.M))
+def _imports_only(src:str) -> bool:
+    "A cell of imports only (a module's import cell has no example of its own)."
+    try: tree = ast.parse('\n'.join(l for l in src.splitlines() if not l.lstrip().startswith('#|')))
+    except SyntaxError: return False
+    return all(isinstance(n, (ast.Import, ast.ImportFrom, ast.Try)) for n in tree.body)
 def _is_example(src:str) -> bool:
     "A code cell that runs something: not an export, not only imports, not a hidden/eval:false cell."
     if _is_export(src) or re.search(r'^#\|\s*(eval:\s*false|hide)', src, re.M): return False
@@ -73,7 +78,7 @@ def cell_stats(nb:Path) -> dict:
     "Exported cells, definitions per exported cell, cells with several long definitions, and exported cells followed by an example."
     cells = [c for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code']
     srcs = [''.join(c['source']) for c in cells]
-    exports = [i for i, s in enumerate(srcs) if _is_export(s)]
+    exports = [i for i, s in enumerate(srcs) if _is_export(s) and not _imports_only(s)]
     defs = [len(_defs(srcs[i])) for i in exports]
     crowded = [i for i in exports if sum((d.end_lineno - d.lineno + 1) > 5 for d in _defs(srcs[i])) > 1]
     def followed(i):
