@@ -298,7 +298,7 @@ def run_dashboard(cfg:Config,
     if model and not model.startswith('models:/') and not Path(model).exists():
         raise FileNotFoundError(f'{model}: no such model file or export folder')
     mlflow = cfg.track.mlflow_uri if 'mlflow' in cfg.track.backends else None
-    return run(cfg.paths.out_dir, model, api or os.environ.get('CLIP_HAR_API_URL'), mlflow, host, port)
+    return run(cfg.paths.out_dir, model, api or os.environ.get('CLIP_HAR_API_URL'), mlflow, host, port, cfg.dashboard)
 
 # %% ../nbs/12_cli.ipynb #b306a024
 def _override_dict(overrides:Sequence[str]) -> dict:

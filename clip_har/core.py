@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # %% auto #0
 __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV', 'HAR_MINI_MISSING', 'get_logger',
            'ClipHarError', 'ConfigError', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig',
-           'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig', 'ServeConfig', 'RetrainConfig', 'Config',
-           'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything',
-           'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'hub_offline', 'hub_reachable',
-           'register_test_models', 'file_sha256', 'running_benchmarks', 'report_progress', 'progress_line',
-           'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir', 'trained_model_path']
+           'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig', 'ServeConfig', 'RetrainConfig',
+           'DashboardConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config',
+           'seed_everything', 'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'hub_offline',
+           'hub_reachable', 'register_test_models', 'file_sha256', 'running_benchmarks', 'report_progress',
+           'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir', 'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -205,6 +205,18 @@ class RetrainConfig(_Section):
     metric: Literal['top1', 'top5', 'macro_f1', 'weighted_f1', 'macro_auc'] = 'top1'  # compared on the evaluate split, both models scored afresh
     min_gain: float = 0.0  # the candidate must beat the champion by more than this
 
+# %% ../nbs/00_core.ipynb #53584dc1
+class DashboardConfig(_Section):
+    "What the Voila dashboard lets a visitor read: uploads within limits, and server folders only where allowed."
+    server_paths: bool = False  # let visitors type a folder or .zip on the server (off: uploads only)
+    roots: list[str] = []  # the folders those paths must resolve inside (symlinks included); required with server_paths
+    max_files: int = Field(5000, ge=1)  # files walked in one server folder before it is refused
+    max_upload_mb: float = Field(10.0, gt=0)  # an uploaded zip larger than this is refused (Voila's websocket carries at most 10 MiB a message)
+    zip_max_members: int = Field(5000, ge=1)  # members of one zip, from its directory, before anything is read
+    zip_max_member_mb: float = Field(50.0, gt=0)  # uncompressed size of one member
+    zip_max_total_mb: float = Field(1000.0, gt=0)  # uncompressed size of all its images
+    zip_max_ratio: float = Field(200.0, gt=1)  # uncompressed:compressed size of one member (a zip bomb's is in the thousands)
+
 # %% ../nbs/00_core.ipynb #914a1ca3
 class Config(_Section):
     "All of clip_har's parameters, as read from `params.yaml`."
@@ -220,6 +232,7 @@ class Config(_Section):
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
     retrain: RetrainConfig = RetrainConfig()
+    dashboard: DashboardConfig = DashboardConfig()
 
 # %% ../nbs/00_core.ipynb #5aee40e4
 def close_matches(name:str, # what the user wrote

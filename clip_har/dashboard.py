@@ -12,11 +12,12 @@ import numpy as np, pandas as pd
 from fastcore.basics import patch
 
 from .core import *
-from .data import IMAGE_EXTS
+from .data import IMAGE_EXTS, DataSourceError
 
 # %% auto #0
-__all__ = ['LocalSource', 'RemoteSource', 'find_models', 'open_source', 'prediction_chart', 'read_inputs', 'predict_many',
-           'latest_evaluation', 'Dashboard', 'export_summary_html', 'dashboard_notebook', 'dashboard_command',
+__all__ = ['TOKEN_ENV', 'LocalSource', 'RemoteSource', 'find_models', 'open_source', 'prediction_chart', 'InputRefused',
+           'zip_members', 'zip_inputs', 'server_inputs', 'read_inputs', 'predict_many', 'latest_evaluation',
+           'Dashboard', 'export_summary_html', 'dashboard_notebook', 'dashboard_token', 'dashboard_command',
            'stop_tree', 'run_dashboard']
 
 # %% ../nbs/10_dashboard.ipynb #73916e8d
@@ -108,17 +109,79 @@ def prediction_chart(preds:list[dict], # one image's top-k `{'class_name', 'scor
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90); plt.close(fig)
     return buf.getvalue()
 
-# %% ../nbs/10_dashboard.ipynb #486135d8
-def read_inputs(source:str|Path|bytes) -> list[tuple[str, Callable[[], bytes]]]:
-    "(name, loader) for each image in a folder, a zip file (path or bytes), or a single image file."
-    if isinstance(source, (bytes, bytearray)) or (Path(source).suffix.lower() == '.zip' and Path(source).is_file()):
-        z = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        names = [n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_EXTS and not n.startswith('__MACOSX')]
-        return [(n, lambda n=n: z.read(n)) for n in sorted(names)]
-    p = Path(source)
-    if p.is_dir(): return [(str(f.relative_to(p)), f.read_bytes) for f in sorted(p.rglob('*')) if f.suffix.lower() in IMAGE_EXTS]
-    if p.is_file(): return [(p.name, p.read_bytes)]
-    raise FileNotFoundError(f'{source}: no such folder, zip or image')
+# %% ../nbs/10_dashboard.ipynb #ba0baac5
+class InputRefused(DataSourceError):
+    "A batch input the dashboard will not read: a zip over its limits, a path outside the allowed roots, too many files."
+
+def zip_members(f) -> int:
+    "The member count a zip's end-of-central-directory record declares (zip64 too), read before the directory itself."
+    f.seek(0, 2); size = f.tell(); f.seek(max(0, size - 65_557)); tail = f.read()
+    at = tail.rfind(b'PK\x05\x06')
+    if at < 0 or len(tail) - at < 22: raise InputRefused('not a zip file (no end of central directory record)')
+    n = int.from_bytes(tail[at + 10:at + 12], 'little')
+    loc = tail.rfind(b'PK\x06\x07', 0, at)
+    if n == 0xFFFF and loc >= 0:  # zip64: the count is in the record the locator points to
+        f.seek(int.from_bytes(tail[loc + 8:loc + 16], 'little')); rec = f.read(56)
+        if rec[:4] == b'PK\x06\x06': n = int.from_bytes(rec[32:40], 'little')
+    return n
+
+# %% ../nbs/10_dashboard.ipynb #60b3721c
+def zip_inputs(data:bytes|str|Path, # a zip's bytes, or its path
+               limits:DashboardConfig|None=None, # `dashboard.*`: members, sizes, ratio
+              ) -> list[tuple[str, Callable[[], bytes]]]:
+    "(name, loader) for each image of a zip whose directory passes `limits`; each loader reads one member."
+    lim, mb = limits or DashboardConfig(), 2**20
+    f = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, 'rb')
+    n = zip_members(f)
+    if n > lim.zip_max_members: raise InputRefused(f'the zip has {n:,} members; at most {lim.zip_max_members:,} are read (dashboard.zip_max_members)')
+    f.seek(0)
+    try: z = zipfile.ZipFile(f)
+    except zipfile.BadZipFile as e: raise InputRefused(f'not a readable zip file ({e})') from None
+    imgs = sorted((i for i in z.infolist() if not i.is_dir() and Path(i.filename).suffix.lower() in IMAGE_EXTS
+                   and not i.filename.startswith('__MACOSX')), key=lambda i: i.filename)
+    for i in imgs:
+        if i.file_size > lim.zip_max_member_mb * mb:
+            raise InputRefused(f'{i.filename}: {i.file_size / mb:,.0f} MB uncompressed; at most {lim.zip_max_member_mb:g} MB a member (dashboard.zip_max_member_mb)')
+        if i.file_size > lim.zip_max_ratio * max(i.compress_size, 1):
+            raise InputRefused(f'{i.filename}: compressed {i.file_size / max(i.compress_size, 1):,.0f} to 1; at most {lim.zip_max_ratio:g} to 1 (dashboard.zip_max_ratio)')
+    total = sum(i.file_size for i in imgs)
+    if total > lim.zip_max_total_mb * mb:
+        raise InputRefused(f'the images unpack to {total / mb:,.0f} MB; at most {lim.zip_max_total_mb:g} MB (dashboard.zip_max_total_mb)')
+    def load(i):
+        with z.open(i) as m: return m.read(i.file_size)  # never more than the directory declared
+    return [(i.filename, lambda i=i: load(i)) for i in imgs]
+
+# %% ../nbs/10_dashboard.ipynb #b1ac269f
+def server_inputs(path:str|Path, # a folder, .zip or image on the server
+                  limits:DashboardConfig|None=None, # `dashboard.server_paths`, `roots`, `max_files` and the zip limits
+                 ) -> list[tuple[str, Callable[[], bytes]]]:
+    "(name, loader) for the images at a server path: only with `server_paths` on, resolved inside one of `roots`."
+    lim = limits or DashboardConfig()
+    if not lim.server_paths: raise InputRefused('reading folders on the server is off (dashboard.server_paths); upload a zip instead')
+    roots = [Path(r).expanduser().resolve() for r in lim.roots]
+    if not roots: raise InputRefused('dashboard.server_paths is on but dashboard.roots names no folder visitors may read')
+    inside = lambda q: any(q == r or r in q.parents for r in roots)
+    real = Path(path).expanduser().resolve()  # symlinks followed: where the path really leads must be inside
+    if not inside(real): raise InputRefused(f'{path}: outside the folders the dashboard may read ({", ".join(map(str, roots))})')
+    if not real.exists(): raise FileNotFoundError(f'{path}: no such folder, zip or image')
+    if real.is_file(): return zip_inputs(real, lim) if real.suffix.lower() == '.zip' else [(real.name, real.read_bytes)]
+    found, walked = [], 0
+    for folder, _, files in os.walk(real):  # linked folders are not entered
+        walked += len(files)
+        if walked > lim.max_files: raise InputRefused(f'{path}: more than {lim.max_files:,} files; choose a smaller folder (dashboard.max_files)')
+        found += [q for q in map(Path(folder).joinpath, files) if q.suffix.lower() in IMAGE_EXTS and inside(q.resolve())]
+    return [(str(q.relative_to(real)), q.read_bytes) for q in sorted(found)]
+
+# %% ../nbs/10_dashboard.ipynb #4d19bce8
+def read_inputs(source:str|Path|bytes, # an uploaded zip's bytes, or a path on the server
+                limits:DashboardConfig|None=None, # `dashboard.*`
+               ) -> list[tuple[str, Callable[[], bytes]]]:
+    "(name, loader) for each image of an uploaded zip (bytes) or a server path, within `limits`."
+    lim = limits or DashboardConfig()
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) > lim.max_upload_mb * 2**20: raise InputRefused(f'the upload is {len(source) / 2**20:,.0f} MB; at most {lim.max_upload_mb:g} MB (dashboard.max_upload_mb)')
+        return zip_inputs(source, lim)
+    return server_inputs(source, lim)
 
 # %% ../nbs/10_dashboard.ipynb #15dd83f7
 def predict_many(source, # a LocalSource or RemoteSource
@@ -169,9 +232,12 @@ class Dashboard:
     def __init__(self, out_dir:str|Path='outputs', # where exports, trained models and the evaluation live
                  model:str|None=None, # the first model shown (a path, models:/ URI or API URL); default: the first found
                  api_url:str|None=None, # a clip_har service to offer (and its /app webcam page)
-                 api_key:str|None=None, mlflow_uri:str|None=None, k:int=5):
+                 api_key:str|None=None, mlflow_uri:str|None=None, k:int=5,
+                 limits:DashboardConfig|None=None, # what a visitor may make it read (`dashboard.*`)
+                ):
         import ipywidgets as W
         self.out, self.api_url, self.api_key, self.mlflow_uri, self.k = Path(out_dir), api_url, api_key, mlflow_uri, k
+        self.limits = limits or DashboardConfig()
         self.models = find_models(self.out, mlflow_uri)
         if api_url: self.models = {f'API {api_url}': api_url, **self.models}
         if model and model not in self.models.values(): self.models = {f'{Path(model).name}': model, **self.models}
@@ -181,12 +247,14 @@ class Dashboard:
         self.model_info = W.HTML()
         self.upload = W.FileUpload(accept='image/*', multiple=True, description='Upload images')
         self.results = W.VBox()
-        self.batch_path = W.Text(placeholder='a folder or .zip on the server', description='Folder/zip', layout=W.Layout(width='32rem'))
+        self.batch_path = W.Text(placeholder='a folder or .zip on the server' if self.limits.server_paths else 'server folders are off: upload a zip',
+                                 description='Folder/zip', disabled=not self.limits.server_paths, layout=W.Layout(width='32rem'))
         self.batch_zip = W.FileUpload(accept='.zip', multiple=False, description='or upload a zip')
         self.batch_run, self.batch_bar = W.Button(description='Predict all', button_style='primary'), W.IntProgress(description='0 / 0')
         self.batch_out = W.HTML()
         self.labels_text = W.Textarea(layout=W.Layout(width='32rem', height='9rem'), description='Labels')
         self.labels_apply, self.labels_reset = W.Button(description='Apply labels', button_style='primary'), W.Button(description='Trained labels')
+        self.admin_key = W.Password(description='Admin key', placeholder="the service's admin key (for its labels)", layout=W.Layout(width='32rem'))
         self.perf = W.HTML()
         self.webcam = W.HTML()
         self.picker.observe(lambda ch: self.load(ch['new']), 'value')
@@ -197,7 +265,7 @@ class Dashboard:
         tabs = [('Predict', W.VBox([self.upload, self.results])),
                 ('Batch', W.VBox([W.HBox([self.batch_path, self.batch_zip]), W.HBox([self.batch_run, self.batch_bar]), self.batch_out])),
                 ('Labels', W.VBox([W.HTML('One label per line (or comma-separated): scored zero-shot through the text encoder.'),
-                                   self.labels_text, W.HBox([self.labels_apply, self.labels_reset])])),
+                                   self.labels_text, self.admin_key, W.HBox([self.labels_apply, self.labels_reset])])),
                 ('Performance', self.perf), ('Webcam', self.webcam)]
         self.tabs = W.Tab(children=[t for _, t in tabs], titles=[n for n, _ in tabs])
         self.widget = W.VBox([W.HTML('<h2>clip_har: human action recognition</h2>'), W.HBox([self.picker, self.model_info]), self.message, self.tabs])
@@ -210,7 +278,7 @@ class Dashboard:
         "The dashboard `clip-har dashboard` configures through `CLIP_HAR_DASHBOARD` (JSON) and `CLIP_HAR_API_URL`/`_KEY`."
         cfg = json.loads(os.environ.get('CLIP_HAR_DASHBOARD', '{}'))
         return cls(cfg.get('out_dir', 'outputs'), cfg.get('model'), cfg.get('api_url') or os.environ.get('CLIP_HAR_API_URL'),
-                   os.environ.get('CLIP_HAR_API_KEY'), cfg.get('mlflow_uri'), cfg.get('k', 5))
+                   os.environ.get('CLIP_HAR_API_KEY'), cfg.get('mlflow_uri'), cfg.get('k', 5), DashboardConfig(**cfg.get('limits', {})))
 
     def show(self):
         "Display the dashboard (in Jupyter or Voila)."
@@ -268,7 +336,7 @@ def run_batch(self:Dashboard):
     try:
         src = bytes(self.batch_zip.value[0]['content']) if self.batch_zip.value else self.batch_path.value.strip()
         if not src: raise FileNotFoundError('give a folder or zip path, or upload a zip')
-        inputs = read_inputs(src)
+        inputs = read_inputs(src, self.limits)
         if not inputs: raise FileNotFoundError('no images there')
     except Exception as e: return self.say(f'batch: {e}', 'error')
     self.batch_bar.max, self.batch_bar.value = len(inputs), 0
@@ -286,7 +354,10 @@ def apply_labels(self:Dashboard, text:str|None):
     "Use the labels in `text` (one per line or comma-separated), or the trained ones for None; re-score the uploads."
     try:
         labels = None if text is None else [l.strip() for l in text.replace(',', '\n').splitlines() if l.strip()]
-        self.source.set_labels(labels)
+        if isinstance(self.source, RemoteSource):  # the service's labels are every client's: an admin key, typed here, changes them
+            if not self.admin_key.value: raise PermissionError("changing the service's labels needs its admin key: type it in Admin key")
+            RemoteSource(type(self.source.client)(self.source.client.url, api_key=self.admin_key.value)).set_labels(labels)
+        else: self.source.set_labels(labels)
         self.labels_text.value = '\n'.join(self.source.labels)
         if self.uploads: self.render_uploads()
         self.say(f'{len(self.source.labels)} labels in use' + (' (open vocabulary)' if labels else ' (trained)'))
@@ -341,13 +412,26 @@ def dashboard_notebook() -> Path:
     import importlib.resources
     return Path(str(importlib.resources.files('clip_har')/'assets'/'dashboard.ipynb'))
 
-def dashboard_command(host:str='127.0.0.1', port:int=8866) -> list[str]:
-    "The `voila` command line that serves the dashboard."
+TOKEN_ENV = 'CLIP_HAR_DASHBOARD_TOKEN'
+
+def dashboard_token(host:str) -> str|None:
+    "The visitors' token from the environment; none allowed only on a loopback address."
+    import ipaddress
+    token = os.environ.get(TOKEN_ENV, '').strip() or None
+    try: loopback = host == 'localhost' or ipaddress.ip_address(host).is_loopback
+    except ValueError: loopback = False
+    if token is None and not loopback:
+        raise ConfigError(f'the dashboard would listen on {host}, beyond this machine, with no login: set {TOKEN_ENV} in its environment (a secret of 16+ characters visitors must give)')
+    if token is not None and len(token) < 16: raise ConfigError(f'{TOKEN_ENV} is {len(token)} characters: use at least 16')
+    return token
+
+def dashboard_command(host:str='127.0.0.1', port:int=8866, token:bool=False) -> list[str]:
+    "The `voila` command line that serves the dashboard (with `token`, Voila asks for `$JUPYTER_TOKEN`)."
     import shutil, sys
     voila = shutil.which('voila', path=str(Path(sys.executable).parent)) or shutil.which('voila')
     if not voila: raise FileNotFoundError('voila is not installed: pip install "clip_har[dashboard]"')
     return [voila, str(dashboard_notebook()), '--no-browser', f'--port={port}', f'--Voila.ip={host}',
-            '--VoilaConfiguration.show_tracebacks=False']
+            '--VoilaConfiguration.show_tracebacks=False'] + ['--Voila.auto_token=True'] * token
 
 # %% ../nbs/10_dashboard.ipynb #9a862c42
 def stop_tree(pid:int, timeout:float=10.0):
@@ -366,12 +450,18 @@ def stop_tree(pid:int, timeout:float=10.0):
 
 # %% ../nbs/10_dashboard.ipynb #c968ea31
 def run_dashboard(out_dir:str|Path='outputs', model:str|None=None, api_url:str|None=None, mlflow_uri:str|None=None,
-                  host:str='127.0.0.1', port:int=8866) -> int:
+                  host:str='127.0.0.1', port:int=8866,
+                  limits:DashboardConfig|None=None, # `dashboard.*`: what visitors may make it read
+                 ) -> int:
     "Serve the dashboard with Voila until SIGTERM/SIGINT; Voila and its kernels stop with it. Returns Voila's exit status."
     import signal, subprocess
-    env = {**os.environ, 'CLIP_HAR_DASHBOARD': json.dumps(dict(out_dir=str(Path(out_dir).resolve()), model=model, api_url=api_url, mlflow_uri=mlflow_uri))}
-    get_logger().info(f'dashboard on http://{host}:{port}/')
-    proc = subprocess.Popen(dashboard_command(host, port), env=env)
+    token = dashboard_token(host)
+    env = {**os.environ, 'CLIP_HAR_DASHBOARD': json.dumps(dict(out_dir=str(Path(out_dir).resolve()), model=model, api_url=api_url, mlflow_uri=mlflow_uri,
+                                                      limits=(limits or DashboardConfig()).model_dump(mode='json'))),
+           **({'JUPYTER_TOKEN': token} if token else {})}
+    env.pop(TOKEN_ENV, None)
+    get_logger().info(f'dashboard on http://{host}:{port}/' + (f' (visitors give the token in ${TOKEN_ENV})' if token else ''))
+    proc = subprocess.Popen(dashboard_command(host, port, token is not None), env=env)
     def stop(signum, frame): stop_tree(proc.pid)
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try: return proc.wait()

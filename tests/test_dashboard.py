@@ -51,17 +51,31 @@ def photo() -> Path:
     "A har-mini photo (a fixture photo without ../shared)."
     return sorted((har_mini_dir() or fixtures_dir()).rglob('*.jpg'))[7]
 
+TOKEN = 'a-dashboard-token-for-the-test'
+
+def test_beyond_loopback_the_dashboard_will_not_start_without_a_token():
+    r = subprocess.run([str(BIN/'clip-har'), 'dashboard', '--host', '0.0.0.0', '--port', str(free_port())], cwd=ROOT,
+                       env={k: v for k, v in env().items() if k != 'CLIP_HAR_DASHBOARD_TOKEN'}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and 'set CLIP_HAR_DASHBOARD_TOKEN' in r.stderr, r.stderr
+
 def test_the_dashboard_in_chromium(browser, model, tmp_path):
+    "Bound to every interface (reached here through 127.0.0.1): nothing without the token, everything with it."
     out = model.parent.parent
     port = free_port()
     log = tmp_path/'voila.log'
-    proc = subprocess.Popen([str(BIN/'clip-har'), 'dashboard', '--port', str(port), '--set', f'paths.out_dir={out}', '--set', 'track.backends=[]'],
-                            cwd=ROOT, env=env(), stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([str(BIN/'clip-har'), 'dashboard', '--host', '0.0.0.0', '--port', str(port), '--set', f'paths.out_dir={out}', '--set', 'track.backends=[]'],
+                            cwd=ROOT, env=env(CLIP_HAR_DASHBOARD_TOKEN=TOKEN), stdout=open(log, 'w'), stderr=subprocess.STDOUT)
     try:
         url = f'http://127.0.0.1:{port}/'
         wait_port(port, proc, log)
+        kernel = '0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0'
+        for path in ('', 'api/kernels', f'api/kernels/{kernel}', f'api/kernels/{kernel}/channels', '?token=wrong'):
+            r = httpx.get(url + path, timeout=60)
+            assert r.status_code in (302, 401, 403) and '/login' in r.headers.get('location', '/login'), (path, r.status_code)
+        assert TOKEN not in log.read_text()  # nor in the log
         page = browser.new_page(viewport={'width': 1280, 'height': 900})
-        page.goto(url, timeout=180_000)
+        page.goto(url + f'?token={TOKEN}', timeout=180_000)
         page.wait_for_selector('.clip-har-model', timeout=180_000)
         assert TINY_MODEL in page.inner_text('.clip-har-model')
         def upload(path):  # as a user does: click the upload button, pick the file in the chooser
@@ -88,10 +102,32 @@ def test_the_dashboard_in_chromium(browser, model, tmp_path):
         upload(photo())
         page.wait_for_selector('.clip-har-result', timeout=60_000)
         assert page.locator('.clip-har-error').count() == 0
-        page.close()
-        import psutil
+        import psutil, zipfile
         tree = psutil.Process(proc.pid).children(recursive=True)  # voila and the page's kernel
-        assert any('ipykernel' in ' '.join(p.cmdline()) for p in tree)
+        kernel = next(p for p in tree if 'ipykernel' in ' '.join(p.cmdline()))
+        bomb = tmp_path/'bomb.zip'  # one member: 1 GiB of zeros, about 1 MB compressed
+        with zipfile.ZipFile(bomb, 'w', zipfile.ZIP_DEFLATED) as z, z.open('zeros.png', 'w', force_zip64=True) as m:
+            for _ in range(64): m.write(bytes(2**24))
+        rss = kernel.memory_info().rss
+        page.get_by_role('tab', name='Batch').click()
+        with page.expect_file_chooser() as chooser: page.locator('.widget-upload').nth(1).click()
+        chooser.value.set_files(str(bomb))
+        page.get_by_role('button', name='Predict all').click()
+        page.wait_for_function("document.querySelector('.clip-har-message') && document.querySelector('.clip-har-message').innerText.includes('zeros.png')", timeout=60_000)
+        assert 'zeros.png: 1,024 MB uncompressed; at most 50 MB a member' in page.inner_text('.clip-har-message')
+        grew = kernel.memory_info().rss - rss
+        assert grew < 100 * 2**20, f'the kernel grew by {grew / 2**20:.0f} MB'
+        many = tmp_path/'many.zip'  # 100,000 tiny members (about 9 MB: under the upload limit)
+        with zipfile.ZipFile(many, 'w') as z:
+            for i in range(100_000): z.writestr(f'{i}.jpg', b'x')
+        with page.expect_file_chooser() as chooser: page.locator('.widget-upload').nth(1).click()
+        chooser.value.set_files(str(many))
+        page.get_by_role('button', name='Predict all').click()
+        page.wait_for_function("document.querySelector('.clip-har-message').innerText.includes('100,000')", timeout=60_000)
+        assert 'the zip has 100,000 members; at most 5,000 are read' in page.inner_text('.clip-har-message')
+        grew = kernel.memory_info().rss - rss
+        assert grew < 100 * 2**20, f'the kernel grew by {grew / 2**20:.0f} MB'
+        page.close()
     finally:
         proc.terminate(); proc.wait(30)
     gone, alive = psutil.wait_procs(tree, timeout=15)
@@ -118,3 +154,15 @@ def test_the_webcam_page_gets_predictions_from_the_fake_camera(browser, model, t
         assert len(frames) >= 3  # the frames reached the model over HTTP
     finally:
         proc.terminate(); proc.wait(30)
+
+def test_a_zip_of_100000_members_is_refused_from_its_directory():
+    "The member count comes from the end-of-directory record: refused before the 100,000 entries are parsed or read."
+    import io, zipfile, psutil
+    from clip_har.dashboard import InputRefused, read_inputs
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, 'w') as z:
+        for i in range(100_000): z.writestr(f'{i:06d}.jpg', b'x')
+    data = buf.getvalue()
+    rss = psutil.Process().memory_info().rss
+    with pytest.raises(InputRefused, match='the zip has 100,000 members; at most 5,000 are read'): read_inputs(data)
+    assert psutil.Process().memory_info().rss - rss < 100 * 2**20
