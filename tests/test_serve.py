@@ -279,11 +279,21 @@ def test_deployment_files_are_valid():
     compose = yaml.safe_load((docker/'compose.yaml').read_text())
     assert {'api', 'dashboard', 'mlflow'} <= set(compose['services'])
     assert all('healthcheck' in s for s in compose['services'].values())
+    assert ':?' in compose['services']['dashboard']['environment']['CLIP_HAR_DASHBOARD_TOKEN']  # compose refuses to start it without one
+    for name in ('dashboard', 'mlflow'):  # no authentication of their own: never published beyond this machine
+        assert all(str(port).startswith('127.0.0.1:') for port in compose['services'][name]['ports']), compose['services'][name]['ports']
     docs = [d for f in sorted((docker/'k8s').glob('*.yaml')) for d in yaml.safe_load_all(f.read_text()) if d]
     kinds = {d['kind'] for d in docs}
     assert {'Deployment', 'Service', 'HorizontalPodAutoscaler'} <= kinds
     for d in docs: kubernetes_validate.validate(d, '1.31.0', strict=True)
-    dep = next(d for d in docs if d['kind'] == 'Deployment')['spec']['template']['spec']
+    deployments = {d['metadata']['name']: d['spec']['template']['spec'] for d in docs if d['kind'] == 'Deployment'}
+    assert set(deployments) == {'clip-har-api', 'clip-har-dashboard'}
+    for name, spec in deployments.items():  # the same security context for both
+        assert spec['securityContext']['runAsNonRoot'] is True, name
+        sc = spec['containers'][0]['securityContext']
+        assert (sc['allowPrivilegeEscalation'], sc['readOnlyRootFilesystem'], sc['capabilities']['drop']) == (False, True, ['ALL']), name
+    assert next(d for d in docs if d['kind'] == 'Service' and d['metadata']['name'] == 'clip-har-dashboard')['spec']['type'] == 'ClusterIP'
+    dep = deployments['clip-har-api']
     c = dep['containers'][0]
     assert c['livenessProbe']['httpGet']['path'] == '/health' and c['readinessProbe']['httpGet']['path'] == '/ready'
     assert dep['securityContext']['runAsNonRoot'] is True
