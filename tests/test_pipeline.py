@@ -172,6 +172,10 @@ def test_ci_cd_workflows_and_containers():
     retrain = yaml.safe_load((ROOT/'.github/workflows/retrain.yaml').read_text())
     assert retrain[True]['schedule'] and 'clip-har retrain' in json.dumps(retrain)  # YAML reads `on:` as True
     assert 'bash .ci/run' in (ROOT/'.github/workflows/test.yaml').read_text()
+    audit = yaml.safe_load((ROOT/'.github/workflows/test.yaml').read_text())['jobs']['audit']
+    assert any('pip-audit' in s.get('run', '') and '--skip-editable' in s['run'] for s in audit['steps'])
+    scan = next(s for s in yaml.safe_load((ROOT/'.github/workflows/containers.yaml').read_text())['jobs']['build']['steps'] if 'trivy' in s.get('uses', ''))
+    assert (scan['with']['severity'], scan['with']['exit-code']) == ('HIGH,CRITICAL', '1')  # the build fails on them
     images = {name: (ROOT/'docker'/f'{name}.Dockerfile').read_text() for name in ('train', 'serve', 'dashboard')}
     assert all('\nUSER 10001' in text for text in images.values()), 'every image runs as a non-root user'
     assert all('HEALTHCHECK' in images[name] for name in ('serve', 'dashboard')), 'the long-running services have health checks'
