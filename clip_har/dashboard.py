@@ -113,17 +113,17 @@ def prediction_chart(preds:list[dict], # one image's top-k `{'class_name', 'scor
 class InputRefused(DataSourceError):
     "A batch input the dashboard will not read: a zip over its limits, a path outside the allowed roots, too many files."
 
-def zip_members(f) -> int:
-    "The member count a zip's end-of-central-directory record declares (zip64 too), read before the directory itself."
+def zip_members(f) -> tuple[int, int]:
+    "The member count and directory size a zip's end-of-central-directory record declares (zip64 too), read before the directory."
     f.seek(0, 2); size = f.tell(); f.seek(max(0, size - 65_557)); tail = f.read()
     at = tail.rfind(b'PK\x05\x06')
     if at < 0 or len(tail) - at < 22: raise InputRefused('not a zip file (no end of central directory record)')
-    n = int.from_bytes(tail[at + 10:at + 12], 'little')
+    n, size = int.from_bytes(tail[at + 10:at + 12], 'little'), int.from_bytes(tail[at + 12:at + 16], 'little')
     loc = tail.rfind(b'PK\x06\x07', 0, at)
-    if n == 0xFFFF and loc >= 0:  # zip64: the count is in the record the locator points to
+    if (n == 0xFFFF or size == 0xFFFFFFFF) and loc >= 0:  # zip64: the figures are in the record the locator points to
         f.seek(int.from_bytes(tail[loc + 8:loc + 16], 'little')); rec = f.read(56)
-        if rec[:4] == b'PK\x06\x06': n = int.from_bytes(rec[32:40], 'little')
-    return n
+        if rec[:4] == b'PK\x06\x06': n, size = int.from_bytes(rec[32:40], 'little'), int.from_bytes(rec[40:48], 'little')
+    return n, size
 
 # %% ../nbs/10_dashboard.ipynb #60b3721c
 def zip_inputs(data:bytes|str|Path, # a zip's bytes, or its path
@@ -132,8 +132,10 @@ def zip_inputs(data:bytes|str|Path, # a zip's bytes, or its path
     "(name, loader) for each image of a zip whose directory passes `limits`; each loader reads one member."
     lim, mb = limits or DashboardConfig(), 2**20
     f = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, 'rb')
-    n = zip_members(f)
+    n, size = zip_members(f)
     if n > lim.zip_max_members: raise InputRefused(f'the zip has {n:,} members; at most {lim.zip_max_members:,} are read (dashboard.zip_max_members)')
+    if size > lim.zip_max_members * 1024:  # a count that lies cannot smuggle in a larger directory
+        raise InputRefused(f"the zip's directory is {size:,} bytes: more than {lim.zip_max_members:,} members can need")
     f.seek(0)
     try: z = zipfile.ZipFile(f)
     except zipfile.BadZipFile as e: raise InputRefused(f'not a readable zip file ({e})') from None
