@@ -125,13 +125,10 @@ def zip_members(f) -> tuple[int, int]:
         if rec[:4] == b'PK\x06\x06': n, size = int.from_bytes(rec[32:40], 'little'), int.from_bytes(rec[40:48], 'little')
     return n, size
 
-# %% ../nbs/10_dashboard.ipynb #60b3721c
-def zip_inputs(data:bytes|str|Path, # a zip's bytes, or its path
-               limits:DashboardConfig|None=None, # `dashboard.*`: members, sizes, ratio
-              ) -> list[tuple[str, Callable[[], bytes]]]:
-    "(name, loader) for each image of a zip whose directory passes `limits`; each loader reads one member."
-    lim, mb = limits or DashboardConfig(), 2**20
-    f = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, 'rb')
+# %% ../nbs/10_dashboard.ipynb #6d160c0d
+def _checked_zip(f, lim:DashboardConfig) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    "The zip in `f` and its image members, once its directory passes `lim`; `InputRefused` otherwise."
+    mb = 2**20
     n, size = zip_members(f)
     if n > lim.zip_max_members: raise InputRefused(f'the zip has {n:,} members; at most {lim.zip_max_members:,} are read (dashboard.zip_max_members)')
     if size > lim.zip_max_members * 1024:  # a count that lies cannot smuggle in a larger directory
@@ -149,6 +146,17 @@ def zip_inputs(data:bytes|str|Path, # a zip's bytes, or its path
     total = sum(i.file_size for i in imgs)
     if total > lim.zip_max_total_mb * mb:
         raise InputRefused(f'the images unpack to {total / mb:,.0f} MB; at most {lim.zip_max_total_mb:g} MB (dashboard.zip_max_total_mb)')
+    return z, imgs
+
+# %% ../nbs/10_dashboard.ipynb #60b3721c
+def zip_inputs(data:bytes|str|Path, # a zip's bytes, or its path
+               limits:DashboardConfig|None=None, # `dashboard.*`: members, sizes, ratio
+              ) -> list[tuple[str, Callable[[], bytes]]]:
+    "(name, loader) for each image of a zip whose directory passes `limits`; each loader reads one member."
+    lim = limits or DashboardConfig()
+    f = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, 'rb')
+    try: z, imgs = _checked_zip(f, lim)
+    except BaseException: f.close(); raise  # a refused zip on the server keeps no file open
     def load(i):
         with z.open(i) as m: return m.read(i.file_size)  # never more than the directory declared
     return [(i.filename, lambda i=i: load(i)) for i in imgs]
