@@ -106,7 +106,8 @@ class TrainConfig(_Section):
                                  StageConfig(name='top', train='top', epochs=1, lr=1e-4),
                                  StageConfig(name='all', train='all', epochs=1, lr=1e-5)]
     top_blocks: int = Field(2, ge=0)  # how many of the last transformer blocks the `top` stage unfreezes
-    head_on_features: bool = True  # the `head` stage trains on the frozen tower's features, computed once per image (un-augmented)
+    cache_frozen: list[Literal['head', 'top']] = ['head', 'top']  # these stages train on the frozen blocks' output, computed once per image (un-augmented)
+    cache_max_gb: float = Field(8.0, ge=0)  # memory for that cache: beyond it the `top` stage trains through the tower, the `head` on features
     lr_mult: float = Field(0.1, gt=0, le=1)  # discriminative learning rates: each lower parameter group gets lr x lr_mult
     schedule: Literal['one_cycle', 'cosine'] = 'one_cycle'
     weight_decay: float = Field(0.05, ge=0)  # AdamW's decoupled weight decay
@@ -118,6 +119,7 @@ class TrainConfig(_Section):
     monitor: Literal['accuracy', 'valid_loss'] = 'accuracy'  # what early stopping and the best checkpoint watch
     wise_alphas: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # WiSE-FT blend weights to try
     wise_search: bool = True  # search the alphas (at most 5 validation passes for 11) instead of scoring every one
+    wise_images: int|None = Field(600, ge=1)  # the search scores a stratified subset of this many valid images, then confirms its pick on all; null: all
     distributed: Literal['auto', 'ddp', 'fsdp'] = 'auto'  # under torchrun: auto = ddp
     epochs: int|None = Field(None, ge=1)  # when set, every stage runs this many epochs (a sweep knob: `dvc exp run -S train.epochs=5`)
     lr: float|None = Field(None, gt=0)  # when set, every stage's learning rate (`dvc exp run -S train.lr=1e-4`)

@@ -22,9 +22,9 @@ __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'ModelLoadError', '
            'hf_cache_layout', 'imagenet_templates', 'phrases_for', 'class_prompts', 'check_labels', 'text_fingerprint',
            'encode_prompts', 'class_embeddings', 'ZeroShotHead', 'ZeroShotClassifier', 'LinearHead', 'MLPHead',
            'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier', 'clip_classifier', 'clip_splitter',
-           'backbone_meta', 'backbone_from_meta', 'atomic_save', 'unwrap', 'full_state_dict', 'CheckpointError',
-           'save_classifier', 'read_classifier_meta', 'load_classifier', 'predict_logits', 'precision_check',
-           'evaluate_zeroshot', 'benchmark_classifier_build']
+           'splits_at_blocks', 'tower_below', 'tower_above', 'backbone_meta', 'backbone_from_meta', 'atomic_save',
+           'unwrap', 'full_state_dict', 'CheckpointError', 'save_classifier', 'read_classifier_meta', 'load_classifier',
+           'predict_logits', 'precision_check', 'evaluate_zeroshot', 'benchmark_classifier_build']
 
 # %% ../nbs/03_model.ipynb #0ef7e6b6
 class ModelLoadError(ClipHarError, ValueError):
@@ -473,6 +473,28 @@ def clip_splitter(model:ClipClassifier, # from `clip_classifier`
     groups = [[p for p in vis if id(p) not in top], [p for p in vis if id(p) in top], list(model.head.parameters())]
     return [g for g in groups if g]
 
+# %% ../nbs/03_model.ipynb #adbda9e0
+def splits_at_blocks(visual:nn.Module) -> bool:
+    "Whether `tower_below`/`tower_above` can cut this image tower between blocks (open_clip's ViT)."
+    return all(hasattr(visual, a) for a in ('_embeds', 'transformer', '_pool')) and getattr(visual, 'attn_pool', None) is None
+
+def tower_below(visual:nn.Module, images:torch.Tensor, k:int) -> torch.Tensor:
+    "The tower's activations below its last `k` blocks (`k=0`: its output features)."
+    if k == 0: return visual(images)
+    x, tr = visual._embeds(images), visual.transformer
+    if not tr.batch_first: x = x.transpose(0, 1)
+    for block in tr.resblocks[:-k]: x = block(x)
+    return x if tr.batch_first else x.transpose(0, 1)
+
+def tower_above(visual:nn.Module, x:torch.Tensor, k:int) -> torch.Tensor:
+    "The tower's features from `tower_below(visual, images, k)`."
+    if k == 0: return x
+    tr = visual.transformer
+    if not tr.batch_first: x = x.transpose(0, 1)
+    for block in tr.resblocks[-k:]: x = block(x)
+    pooled, _ = visual._pool(x if tr.batch_first else x.transpose(0, 1))
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
 # %% ../nbs/03_model.ipynb #d15c2ccd
 def backbone_meta(clip:Clip) -> dict:
     "What rebuilds `clip`'s network: model name, starting weights, activation and preprocessing."
@@ -546,7 +568,8 @@ def predict_logits(model:Callable, # maps an image batch to logits (a module, or
                    dl, # a fastai/PyTorch DataLoader of (images, targets)
                    progress:bool=True, # show a progress bar
                    task:str='predict', # names this pass in the pipeline's terminal progress lines
-                   precision:str='fp32', # from `resolve_precision`: bf16 runs the forward under autocast; logits come back fp32
+                   precision:str='fp32', # from `resolve_precision`: bf16 runs the forward under autocast
+                   dtype:torch.dtype=torch.float32, # what the outputs are kept as (bf16 halves a cache of activations)
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     "All logits and targets of `dl` (reporting progress as it goes)."
     from fastprogress.fastprogress import progress_bar
@@ -555,7 +578,7 @@ def predict_logits(model:Callable, # maps an image batch to logits (a module, or
     device = params.device if params is not None else torch.device('cpu')
     outs, ys, t0, total = [], [], time.time(), getattr(dl, 'n', None) or len(getattr(dl, 'dataset', ()))
     for xb, yb in (progress_bar(dl, leave=False) if progress else dl):
-        with autocast(precision, device): outs.append(model(xb.to(device)).float().cpu())
+        with autocast(precision, device): outs.append(model(xb.to(device)).to(dtype).cpu())
         ys.append(yb.cpu())
         report_progress(task, sum(len(y) for y in ys), total, 'images', t0)
     return torch.cat(outs).as_subclass(torch.Tensor), torch.cat(ys).as_subclass(torch.Tensor)  # plain tensors, not fastai's subclasses

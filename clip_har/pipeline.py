@@ -20,8 +20,8 @@ __all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'HUB_DATASET', 'FULL_SPLITS', 
            'PipelineError', 'Stage', 'stage_named', 'dvc_yaml', 'write_dvc_yaml', 'missing_stage_params',
            'notebooks_dir', 'stage_notebook', 'run_notebook', 'log_run_records', 'run_stage', 'dataset_cached',
            'weights_cached', 'preflight', 'rehearsal_dataset', 'rehearsal_weights', 'task_split', 'stage_costs',
-           'benchmark_pipeline', 'dvc', 'run_pipeline', 'write_demo_params', 'registry_classifier', 'retrain_gate',
-           'retrain']
+           'rehearse_sweep', 'benchmark_pipeline', 'dvc', 'run_pipeline', 'write_demo_params', 'registry_classifier',
+           'retrain_gate', 'retrain']
 
 # %% ../nbs/11_pipeline.ipynb #b4d1c8d2
 class PipelineError(ClipHarError, RuntimeError):
@@ -320,12 +320,14 @@ def rehearsal_weights(hf_home:str|Path, # becomes HF_HOME
     return repo/'snapshots'/revision/'open_clip_model.safetensors'
 
 # %% ../nbs/11_pipeline.ipynb #d08c43bc
-FULL_SPLITS = dict(train=8825, valid=1889, test=1886)  # the Hub dataset's 12,600 labelled images as `prepare` splits them
+FULL_SPLITS = dict(train=8825, valid=1889, test=1886,  # the Hub dataset's 12,600 labelled images as `prepare` splits them ...
+                   sweep=600)  # ... and the valid images of the WiSE-FT search's passes (`train.wise_images`)
 
 def task_split(task:str) -> str|None:
     "The split a progress task works through (None: a fixed amount of work, such as an export)."
     t = task.lower()
     if 'export' in t or 'benchmark' in t: return None
+    if 'sweep' in t: return 'sweep'
     if 'valid' in t or 'wise-ft' in t: return 'valid'
     if 'test' in t: return 'test'
     return 'train' if 'train' in t else None
@@ -355,8 +357,8 @@ def stage_costs(progress_file:str|Path, # a stage's progress records
                 projected_min=round((rest + projected) / 60, 1))
 
 # %% ../nbs/11_pipeline.ipynb #4079fb9f
-PIPELINE_VARIANTS = {  # name -> overrides; "before" is the job as it was: fp32, the head stage on images, every WiSE-FT alpha scored
-    'before': {'precision': 'fp32', 'train.precision': 'fp32', 'train.head_on_features': False, 'train.wise_search': False},
+PIPELINE_VARIANTS = {  # name -> overrides; "before" is the job as it was: fp32, the frozen stages on images, every WiSE-FT alpha on the whole split
+    'before': {'precision': 'fp32', 'train.precision': 'fp32', 'train.cache_frozen': [], 'train.wise_search': False, 'train.wise_images': None},
     'fp32': {'precision': 'fp32', 'train.precision': 'fp32'},
     'bf16': {'precision': 'bf16', 'train.precision': 'bf16'},
 }
@@ -374,10 +376,21 @@ def _run_measured(cmd:list, cwd:Path, env:dict, log:Path) -> tuple[float, float]
     if p.returncode: raise PipelineError(f"{' '.join(map(str, cmd))} failed in {cwd}: see {log}")
     return time.time() - t0, peak
 
+# %% ../nbs/11_pipeline.ipynb #6f515a87
+def rehearse_sweep(params:Path, # a rehearsal's params.yaml
+                   n_valid:int, # its valid split's size
+                  ) -> int|None:
+    "Give the rehearsal's WiSE-FT search the share of its valid split that the full job's has (600 of 1,889); the images it gets."
+    cfg = load_config(params)
+    if cfg.train.wise_images is None: return None
+    n = max(1, round(n_valid * FULL_SPLITS['sweep'] / FULL_SPLITS['valid']))
+    save_config(load_config(params, {'train.wise_images': n}), params)
+    return n
+
 # %% ../nbs/11_pipeline.ipynb #d01c77e5
 def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the runs, pipeline.md/.json and the rehearsal cache
                        source:str|Path|None=None, # photos for the rehearsal cache (default: har-mini, else the fixtures)
-                       per_class:int=4, # photos per class (each also mirrored)
+                       per_class:int=10, # photos per class (each also mirrored)
                        variants:Mapping[str, Mapping]=PIPELINE_VARIANTS, # name -> params.yaml overrides
                        stages:Sequence[str]=STAGE_NAMES) -> 'pd.DataFrame':
     "Run the main job's stages (ViT-B-16, rehearsal cache) once per variant; per stage: seconds, images/s, peak memory, full-scale projection."
@@ -393,6 +406,7 @@ def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the
         for stage in stages:
             wall, peak = _run_measured([Path(sys.executable).parent/'clip-har', 'pipeline', '--stage', stage], work, env, work/f'{stage}.log')
             sizes = pd.read_csv(work/'data'/'prepared'/'manifest.csv').split.value_counts().to_dict()
+            if stage == 'prepare': rehearse_sweep(work/'params.yaml', sizes['valid'])
             nb = Path(stage_named(stage).notebook).stem
             rows.append(dict(variant=name, stage=stage, **stage_costs(work/'outputs'/'runs'/f'{nb}.progress.jsonl', wall), peak_rss_mb=round(peak)))
             print(f"{name:7} {stage:9} {rows[-1]['seconds']:7.1f} s  {rows[-1]['images_per_s'] or '':>6} img/s  {peak:6.0f} MB  -> {rows[-1]['projected_min']:6.1f} min at full scale", flush=True)

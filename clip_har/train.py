@@ -31,12 +31,12 @@ from .tracking import Tracker, TrackerCallback, lineage
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'flyp_splitter', 'amp_mode',
            'AnyDeviceMixedPrecision', 'build_model', 'build_learner', 'plain_containers', 'load_opt_state', 'RunState',
-           'TrainState', 'ProgressReport', 'read_train_checkpoint', 'HeadOnFeatures', 'feature_dataloaders',
-           'head_on_features', 'stage_lrs', 'fit_stages', 'fibonacci_argmax', 'wise_ft_state', 'wise_ft_curve',
-           'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog', 'ShardedDataTrainer', 'shard_model',
-           'distributed_mode', 'init_distributed', 'select_wise_ft', 'save_valid_logits', 'saved_valid_logits',
-           'join_run', 'resume_from', 'record_rank', 'final_classifier', 'finish_tracking', 'select_final', 'train',
-           'benchmark_training']
+           'TrainState', 'ProgressReport', 'read_train_checkpoint', 'TowerTop', 'TowerPart', 'cache_depth',
+           'FrozenCache', 'frozen_inputs', 'stage_lrs', 'fit_stages', 'fibonacci_argmax', 'wise_ft_state',
+           'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog',
+           'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'sweep_subset',
+           'select_wise_ft', 'save_valid_logits', 'saved_valid_logits', 'join_run', 'resume_from', 'record_rank',
+           'final_classifier', 'finish_tracking', 'select_final', 'train', 'benchmark_training']
 
 # %% ../nbs/05_train.ipynb #3dff374f
 def flyp_loss(logits:torch.Tensor, # (B, C) class logits: scale x cosine(image, class prompt)
@@ -213,32 +213,72 @@ def read_train_checkpoint(path:str|Path, # a `last.pt` or `best.pt`
     return ckpt
 
 # %% ../nbs/05_train.ipynb #10ce6be2
-class HeadOnFeatures(nn.Module):
-    "A `ClipClassifier` seen through its head: inputs are the frozen tower's features; its state is the whole classifier's."
-    def __init__(self, classifier:ClipClassifier): super().__init__(); self.classifier = classifier
-    def forward(self, feats:torch.Tensor) -> torch.Tensor: return self.classifier.head(feats)
+class TowerTop(nn.Module):
+    "A `ClipClassifier` from `tower_below`'s activations at `k` (0: from features); its state is the whole classifier's."
+    def __init__(self, classifier:ClipClassifier, k:int=0): super().__init__(); self.classifier, self.k = classifier, k
+    def forward(self, x:torch.Tensor) -> torch.Tensor: return self.classifier.head(tower_above(self.classifier.visual, x, self.k))
     def state_dict(self, *args, **kwargs): return self.classifier.state_dict(*args, **kwargs)
     def load_state_dict(self, sd, strict:bool=True, **kwargs): return self.classifier.load_state_dict(sd, strict, **kwargs)
 
+class TowerPart(nn.Module):
+    "One side of an image tower cut below its last `k` blocks, as a module: `tower_below`, or with `above` `tower_above`."
+    def __init__(self, visual:nn.Module, k:int, above:bool=False): super().__init__(); self.visual, self.k, self.above = visual, k, above
+    def forward(self, x:torch.Tensor) -> torch.Tensor: return (tower_above if self.above else tower_below)(self.visual, x, self.k)
+
 # %% ../nbs/05_train.ipynb #b9adf67d
-def feature_dataloaders(learn:Learner, # holds a `ClipClassifier` and image DataLoaders
-                        precision:str='fp32', # of the feature pass
-                       ):
-    "fastai DataLoaders of the image tower's features of every training and validation image, computed once, un-augmented."
-    from fastai.data.core import DataLoaders
-    from torch.utils.data import TensorDataset
-    clf, dls = unwrap(learn.model), learn.dls
-    def features(rows, what):
-        dl = eval_dataloader(rows, dls.vocab, clf.preprocess, dls.bs, 0, dls.device)
-        return TensorDataset(*predict_logits(clf.visual, dl, False, f'train head: features of the {what} images', precision))
-    return DataLoaders.from_dsets(features(dls.train.items, 'training'), features(dls.valid.items, 'validation'), bs=dls.bs, device=dls.device)
+def cache_depth(learn:Learner, # holds a `ClipClassifier` and image DataLoaders
+                t:TrainConfig, # `cache_frozen`, `top_blocks`, `cache_max_gb`
+                precision:str='fp32', # bf16/fp16 caches take half the memory of fp32
+               ) -> int:
+    "How many top blocks the frozen cache sits below: `top_blocks` where a cached `top` stage can use it and it fits, else 0 (features)."
+    visual = unwrap(learn.model).visual
+    if 'top' not in t.cache_frozen or not t.top_blocks or not splits_at_blocks(visual): return 0
+    n = len(learn.dls.train.items) + len(learn.dls.valid.items)
+    gb = n * visual.positional_embedding.numel() * (4 if precision == 'fp32' else 2) / 1e9
+    if gb <= t.cache_max_gb: return t.top_blocks
+    get_logger('train').info(f'the frozen activations would take {gb:.1f} GB (train.cache_max_gb: {t.cache_max_gb:g}): '
+                             'the top stage trains on images, the head on features')
+    return 0
 
 # %% ../nbs/05_train.ipynb #43d99988
+class FrozenCache:
+    "The frozen tower's output below its last `k` blocks for every training and validation image, computed once, un-augmented."
+    def __init__(self, learn:Learner, k:int, precision:str='fp32'):
+        clf, dls, self.k, self.precision = unwrap(learn.model), learn.dls, k, precision
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32)
+        self.data = {}
+        for split, rows in (('training', dls.train.items), ('validation', dls.valid.items)):
+            dl = eval_dataloader(rows, dls.vocab, clf.preprocess, dls.bs, 0, dls.device)
+            self.data[split] = predict_logits(TowerPart(clf.visual, k), dl, False, f'train: frozen output for the {split} images', precision, dtype)
+
+    def dataloaders(self, learn:Learner, k:int) -> 'DataLoaders':
+        "fastai DataLoaders of the cache seen from the last `k` blocks (`k=0` below the cache's: through the blocks between, once)."
+        from fastai.data.core import DataLoaders
+        from torch.utils.data import DataLoader, TensorDataset
+        visual, bs, dev = unwrap(learn.model).visual, learn.dls.bs, learn.dls.device
+        def dset(split):
+            x, y = self.data[split]
+            if k != self.k: x, y = predict_logits(TowerPart(visual, self.k, above=True), DataLoader(TensorDataset(x, y), bs), False,
+                                                  f'train head: features of the {split} images', self.precision)
+            return TensorDataset(x, y)
+        return DataLoaders.from_dsets(dset('training'), dset('validation'), bs=bs, device=dev)
+
+# %% ../nbs/05_train.ipynb #3575e8db
 @contextmanager
-def head_on_features(learn:Learner, precision:str='fp32'):
-    "Within: `learn` trains its classifier's head on cached features; after: on images again."
+def frozen_inputs(learn:Learner, # the run's Learner (a `ClipClassifier` on image DataLoaders)
+                  t:TrainConfig, # `cache_frozen` and the cache's settings
+                  stage:StageConfig, # the stage about to run
+                  held:dict, # keeps the cache between stages (an `all` stage empties it)
+                  precision:str='fp32', # of the cache's passes
+                 ):
+    "Within: `learn` trains `stage` on the frozen blocks' cached output, where `t.cache_frozen` says so; after: on images again."
+    if stage.train == 'all': held.clear()
+    if stage.train not in t.cache_frozen or not isinstance(unwrap(learn.model), ClipClassifier) or num_distrib(): yield learn; return
+    if 'cache' not in held: held['cache'] = FrozenCache(learn, cache_depth(learn, t, precision), precision)
+    k = t.top_blocks if stage.train == 'top' else 0
+    if stage.train == 'top' and (not k or held['cache'].k != k): yield learn; return  # features only: the top stage trains on images
     model, dls = learn.model, learn.dls
-    learn.dls, learn.model = feature_dataloaders(learn, precision), HeadOnFeatures(unwrap(model))
+    learn.dls, learn.model = held['cache'].dataloaders(learn, k), TowerTop(unwrap(model), k)
     try: yield learn
     finally: learn.model, learn.dls = model, dls
 
@@ -255,14 +295,14 @@ def fit_stages(learn:Learner, # from `build_learner`
                state:RunState, # where the run is (a fresh one, or from a checkpoint)
                opt_state:dict|None=None, # the optimiser state to resume with
                extra_cbs:Sequence[Callback]=(), # e.g. trackers and `TrainState`
-               precision:str='fp32', # of the feature pass of a `head` stage on features
+               precision:str='fp32', # of the passes that fill the frozen stages' cache
               ) -> RunState:
     "Train every stage of `cfg.train.run_stages` from where `state` says the run is."
     with torch.enable_grad(): return _fit_stages(learn, cfg, state, opt_state, extra_cbs, precision)
 
 # %% ../nbs/05_train.ipynb #93e48efd
 def _fit_stages(learn, cfg, state, opt_state, extra_cbs, precision='fp32'):
-    t = cfg.train
+    t, held = cfg.train, {}
     if learn.opt is None: learn.create_opt()
     for i, stage in enumerate(t.run_stages):
         if i < state.stage: continue
@@ -275,8 +315,7 @@ def _fit_stages(learn, cfg, state, opt_state, extra_cbs, precision='fp32'):
         if t.patience: cbs.append(EarlyStoppingCallback(monitor=t.monitor, comp=np.less if t.monitor == 'valid_loss' else np.greater, patience=t.patience))
         lrs = stage_lrs(learn, stage.lr, t.lr_mult)
         get_logger('train').info(f"stage {i + 1}/{len(t.run_stages)} '{stage.name}' ({stage.train}): {stage.epochs} epochs from epoch {start}, peak lr {stage.lr:g}")
-        on_features = stage.train == 'head' and t.head_on_features and isinstance(unwrap(learn.model), ClipClassifier) and not num_distrib()
-        with (head_on_features(learn, precision) if on_features else nullcontext()):
+        with frozen_inputs(learn, t, stage, held, precision):
             if t.schedule == 'one_cycle': learn.fit_one_cycle(stage.epochs, lrs, start_epoch=start, cbs=cbs)
             else: learn.fit_flat_cos(stage.epochs, lrs, pct_start=0.0, start_epoch=start, cbs=cbs)
     state.stage, state.epoch = len(t.run_stages), 0
@@ -321,6 +360,7 @@ def wise_ft_curve(model:nn.Module, # the classifier architecture (its weights ar
                   precision:str='fp32', # of the validation passes
                   search:bool=False, # Fibonacci search (`fibonacci_argmax`) instead of scoring every alpha
                   known:dict|None=None, # alpha -> (logits, targets) already computed on `dl` (e.g. alpha 1: the fine-tuned model's own pass)
+                  task:str='WiSE-FT', # names the passes in the progress lines
                  ) -> dict:
     "Validation accuracy of the blends scored, the best `alpha` (with its logits), and how many validation passes it took."
     zs, ft = ({k: v.detach().clone() for k, v in d.items()} for d in (zs, ft))  # `ft` may be `model`'s own tensors, which each blend overwrites
@@ -329,7 +369,7 @@ def wise_ft_curve(model:nn.Module, # the classifier architecture (its weights ar
         a = alphas[i]
         if a not in outputs:
             model.load_state_dict(wise_ft_state(zs, ft, a))
-            outputs[a] = predict_logits(model, dl, progress, f'WiSE-FT alpha {a:g} (pass {len(passes) + 1})', precision); passes.append(a)
+            outputs[a] = predict_logits(model, dl, progress, f'{task} alpha {a:g} (pass {len(passes) + 1})', precision); passes.append(a)
         logits, y = outputs[a]
         return float((logits.argmax(-1) == y).float().mean())
     if search: best, scored = fibonacci_argmax(accuracy, len(alphas))
@@ -340,10 +380,12 @@ def wise_ft_curve(model:nn.Module, # the classifier architecture (its weights ar
 
 # %% ../nbs/05_train.ipynb #7ad34d0b
 def plot_wise_ft(curve:dict, path:str|Path|None=None):
-    "Validation accuracy against the blend weight `alpha`."
+    "Validation accuracy against the blend weight `alpha` (a search on a subset: with its pick scored on the whole split)."
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(curve['alphas'], curve['accuracy'], 'o-')
+    n = curve.get('sweep_images')
+    ax.plot(curve['alphas'], curve['accuracy'], 'o-', label=f'{n} stratified valid images' if n else 'valid split')
+    if n: ax.plot([curve['best_alpha']], [curve['confirmed_accuracy']], 's', color='tab:green', label='the pick on the whole split')
     ax.axvline(curve['best_alpha'], color='tab:red', ls='--', label=f"chosen alpha {curve['best_alpha']:g}")
     ax.set_xlabel('alpha (0 = zero-shot, 1 = fine-tuned)'); ax.set_ylabel('validation accuracy'); ax.set_title('WiSE-FT')
     ax.legend(); fig.tight_layout()
@@ -410,6 +452,18 @@ def init_distributed(device) -> None:
     if backend == 'nccl': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     torch.distributed.init_process_group(backend)
 
+# %% ../nbs/05_train.ipynb #9f4abead
+def sweep_subset(y:torch.Tensor, # the validation targets
+                 n:int|None, # images the WiSE-FT search scores; None: all
+                 seed:int=42,
+                ) -> np.ndarray|None:
+    "Sorted positions of a stratified subset of `n` of the targets (None where that would be all of them)."
+    if n is None or n >= len(y): return None
+    from sklearn.model_selection import train_test_split
+    try: idx = train_test_split(np.arange(len(y)), train_size=n, stratify=y.numpy(), random_state=seed)[0]
+    except ValueError: idx = np.random.default_rng(seed).choice(len(y), n, replace=False)  # a class too small to stratify
+    return np.sort(idx)
+
 # %% ../nbs/05_train.ipynb #778b284d
 def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding the chosen blend
                    zs_state:dict, # its zero-shot weights
@@ -420,13 +474,20 @@ def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding th
                    precision:str='fp32', # of the validation passes
                    known:dict|None=None, # alpha -> (logits, targets) already computed on `dl`
                    search:bool=True, # Fibonacci search (False: score every alpha)
+                   sweep:tuple|None=None, # (DataLoader, positions in `dl`) of the subset the search scores; None: all of `dl`
                   ) -> dict:
     "Search the WiSE-FT blends on validation, keep the best in `model`, save it (with its validation logits) and the curve of those scored."
-    ft_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    curve = wise_ft_curve(model, zs_state, ft_state, dl, alphas, precision=precision, search=search, known=known)
-    logits = curve.pop('best_logits')
-    model.load_state_dict(wise_ft_state(zs_state, ft_state, curve['best_alpha']))
-    save_classifier(model, meta | {'wise_alpha': curve['best_alpha']}, out/'wise_ft.pt')
+    ft_state, known = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, dict(known or {})
+    sdl, idx = sweep or (dl, None)
+    part = known if idx is None else {a: (l[idx], y[idx]) for a, (l, y) in known.items()}
+    curve = wise_ft_curve(model, zs_state, ft_state, sdl, alphas, precision=precision, search=search, known=part,
+                          task='WiSE-FT' if idx is None else 'WiSE-FT sweep')
+    logits, best = curve.pop('best_logits'), curve['best_alpha']
+    model.load_state_dict(wise_ft_state(zs_state, ft_state, best))
+    if idx is not None:  # the pick, on the whole split
+        logits = known.get(best) or predict_logits(model, dl, False, f'WiSE-FT alpha {best:g} on the whole valid split', precision)
+        curve.update(sweep_images=len(idx), confirmed_accuracy=float((logits[0].argmax(-1) == logits[1]).float().mean()))
+    save_classifier(model, meta | {'wise_alpha': best}, out/'wise_ft.pt')
     save_valid_logits(out/'wise_ft.pt', *logits, precision)
     plot_wise_ft(curve, out/'wise_ft.png')
     return curve
@@ -513,8 +574,11 @@ def select_final(cfg:Config, plain:nn.Module, zs_state:dict|None, clip:Clip, man
     summary.update(valid_accuracy=float((logits.argmax(-1) == y).float().mean()), chance=1 / len(cfg.data.labels), final_model='model.pt')
     if zs_state is None or cfg.train.head != 'linear':
         save_valid_logits(out/'model.pt', logits, y, precision); return []
+    idx = sweep_subset(y, cfg.train.wise_images, cfg.seed)
+    sweep = None if idx is None else (eval_dataloader(valid_rows.iloc[idx], cfg.data.labels, clip.preprocess, cfg.data.batch_size,
+                                                      cfg.data.num_workers, device), idx)
     summary['wise_ft'] = select_wise_ft(plain, zs_state, vdl, cfg.train.wise_alphas, meta, out, precision, known={1.0: (logits, y)},
-                                        search=cfg.train.wise_search)
+                                        search=cfg.train.wise_search, sweep=sweep)
     summary['final_model'] = 'wise_ft.pt'
     return [out/'wise_ft.pt', out/'wise_ft.png']
 
