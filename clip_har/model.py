@@ -24,7 +24,7 @@ __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'ModelLoadError', '
            'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier', 'clip_classifier', 'clip_splitter',
            'splits_at_blocks', 'tower_below', 'tower_above', 'backbone_meta', 'backbone_from_meta', 'atomic_save',
            'unwrap', 'full_state_dict', 'CheckpointError', 'save_classifier', 'read_classifier_meta', 'load_classifier',
-           'predict_logits', 'precision_check', 'evaluate_zeroshot', 'benchmark_classifier_build']
+           'grads_flagged', 'predict_logits', 'precision_check', 'evaluate_zeroshot', 'benchmark_classifier_build']
 
 # %% ../nbs/03_model.ipynb #0ef7e6b6
 class ModelLoadError(ClipHarError, ValueError):
@@ -562,6 +562,17 @@ def load_classifier(path:str|Path, # a file written by `save_classifier`
     model = clip_classifier(clip, m['labels'], 'mlp' if m['head'] == 'mlp' else 'linear', zeroshot_init=False)
     return load_state_dict_checked(model, d['model'], str(path)).eval()
 
+# %% ../nbs/03_model.ipynb #d3d4defb
+@contextmanager
+def grads_flagged(model):
+    "Within: every parameter of `model` (a module; anything else is left alone) flagged `requires_grad`; after: as it was."
+    params = list(model.parameters()) if isinstance(model, nn.Module) else []
+    flags = [p.requires_grad for p in params]
+    for p in params: p.requires_grad_(True)
+    try: yield model
+    finally:
+        for p, f in zip(params, flags): p.requires_grad_(f)
+
 # %% ../nbs/03_model.ipynb #2bd9a6d1
 @torch.no_grad()
 def predict_logits(model:Callable, # maps an image batch to logits (a module, or any function of a batch)
@@ -577,10 +588,11 @@ def predict_logits(model:Callable, # maps an image batch to logits (a module, or
     params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     device = params.device if params is not None else torch.device('cpu')
     outs, ys, t0, total = [], [], time.time(), getattr(dl, 'n', None) or len(getattr(dl, 'dataset', ()))
-    for xb, yb in (progress_bar(dl, leave=False) if progress else dl):
-        with autocast(precision, device): outs.append(model(xb.to(device)).to(dtype).cpu())
-        ys.append(yb.cpu())
-        report_progress(task, sum(len(y) for y in ys), total, 'images', t0)
+    with grads_flagged(model):
+        for xb, yb in (progress_bar(dl, leave=False) if progress else dl):
+            with autocast(precision, device): outs.append(model(xb.to(device)).to(dtype).cpu())
+            ys.append(yb.cpu())
+            report_progress(task, sum(len(y) for y in ys), total, 'images', t0)
     return torch.cat(outs).as_subclass(torch.Tensor), torch.cat(ys).as_subclass(torch.Tensor)  # plain tensors, not fastai's subclasses
 
 # %% ../nbs/03_model.ipynb #e22f5262
