@@ -62,7 +62,7 @@ bench-infer: install
 	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/clip-har benchmark --set device=cpu --out outputs/benchmark
 
 ## The main job's stages with ViT-B-16 on a rehearsal cache (120 har-mini photos), as before / fp32 / bf16 side by side: seconds,
-## images/s and peak memory per stage, projected to the 12,600 Hub images: outputs/benchmark/pipeline/pipeline.md (about 30 minutes)
+## images/s and peak memory per stage, projected to the 12,600 Hub images: outputs/benchmark/pipeline/pipeline.md (about 40 minutes)
 bench-pipeline: install
 	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/python -c "from clip_har.pipeline import benchmark_pipeline; benchmark_pipeline()"
 
