@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy, json, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
