@@ -321,7 +321,7 @@ def rehearsal_weights(hf_home:str|Path, # becomes HF_HOME
 
 # %% ../nbs/11_pipeline.ipynb #d08c43bc
 FULL_SPLITS = dict(train=8825, valid=1889, test=1886,  # the Hub dataset's 12,600 labelled images as `prepare` splits them ...
-                   sweep=600)  # ... and the valid images of the WiSE-FT search's passes (`train.wise_images`)
+                   sweep=TrainConfig().wise_images)  # ... and the valid images of the WiSE-FT search's passes (600 by default)
 
 def task_split(task:str) -> str|None:
     "The split a progress task works through (None: a fixed amount of work, such as an export)."
