@@ -15,8 +15,8 @@ from .core import *
 # %% auto #0
 __all__ = ['COMMANDS', 'COMMON', 'SPLITS', 'Arg', 'command', 'add_command', 'build_parser', 'run_command', 'run_validate',
            'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote', 'run_hub',
-           'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_dashboard', 'run_pipeline_cmd',
-           'run_retrain', 'main']
+           'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_monitor', 'run_dashboard',
+           'run_pipeline_cmd', 'run_retrain', 'main']
 
 # %% ../nbs/12_cli.ipynb #30357a0f
 class Arg:
@@ -275,14 +275,38 @@ def run_serve(cfg:Config,
               port:int=None, # default: serve.port, 8000
               workers:int=None, # uvicorn worker processes, one model each (default: serve.workers, 1)
               params:str='params.yaml', overrides:list=(), quiet:bool=False):
-    "`clip-har serve`: the prediction API on uvicorn: /predict, /predict/image, /predict/batch, /predict/video, /labels, /metrics, /docs"
+    "`clip-har serve`: the prediction API on uvicorn: /predict, /predict/image, /predict/batch, /predict/video, /feedback, /labels, /metrics, /docs"
     from clip_har.serve import default_model, serve
+    from clip_har.metrics import REFERENCE_FILE
+    from clip_har.monitor import store_url
     flags = dict(model=model, backend=backend, host=host, port=port, workers=workers)
     cfg = load_config(params, list(overrides) + [f'serve.{k}={json.dumps(v)}' for k, v in flags.items() if v is not None])
     s = cfg.serve
     if not s.model: s.model = str(default_model(cfg))
+    if s.record and not s.record_url: s.record_url = store_url(cfg)  # an embedded SQLite store under paths.out_dir
+    if not s.reference: s.reference = str(Path(cfg.paths.out_dir)/'evaluate'/REFERENCE_FILE)  # used only if it scored this model
     if not Path(s.model).exists(): raise FileNotFoundError(f'{s.model}: no such model file or export folder')
     serve(s, 'warning' if quiet else 'info')
+    return 0
+
+# %% ../nbs/12_cli.ipynb #763e604e
+@command
+def run_monitor(cfg:Config,
+                since:str='24h', # start: an ISO time (2026-12-01T08:00, UTC unless it says) or a span back from now (90m, 24h, 7d); all: from the start
+                until:str=None, # end: an ISO time or a span back from now (default: now)
+                url:str=None, # the store's SQLAlchemy URL (default: serve.record_url, else the SQLite file under paths.out_dir/monitor)
+                reference:str=None, # a reference.json to score drift against (default: paths.out_dir/evaluate/reference.json)
+                as_json:Arg(flag='--json')=False, # print JSON instead of Markdown
+                params:str='params.yaml', overrides:list=()):
+    "`clip-har monitor`: predictions, feedback accuracy, latency and drift from the prediction records, for a time range"
+    from clip_har.metrics import REFERENCE_FILE, read_reference
+    from clip_har.monitor import PredictionStore, monitor_report, parse_when, report_text, store_url
+    url = url or store_url(cfg)
+    if url.startswith('sqlite:///') and not Path(url.removeprefix('sqlite:///')).is_file():
+        raise FileNotFoundError(f"{url.removeprefix('sqlite:///')}: no prediction records yet; `clip-har serve` writes them (serve.record)")
+    ref = read_reference(reference or Path(cfg.paths.out_dir)/'evaluate'/REFERENCE_FILE)
+    rep = monitor_report(PredictionStore(url), ref, parse_when(since), parse_when(until))
+    print(json.dumps(rep, default=str) if as_json else report_text(rep))
     return 0
 
 # %% ../nbs/12_cli.ipynb #d4ab3621

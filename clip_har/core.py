@@ -177,7 +177,7 @@ class ExportConfig(_Section):
 
 # %% ../nbs/00_core.ipynb #553ad8ed
 class ServeConfig(_Section):
-    "The prediction service (`clip-har serve`): model, micro-batching, limits, keys, URL input, CORS."
+    "The prediction service (`clip-har serve`): model, micro-batching, limits, keys, URL input, CORS, prediction records."
     model: str|None = None  # a classifier file or export; null: outputs/export/onnx-fp32 if there, else the trained model
     backend: Literal['pytorch', 'torchscript', 'onnx', 'tensorrt']|None = None  # null: the model's own
     host: str = '127.0.0.1'
@@ -201,6 +201,12 @@ class ServeConfig(_Section):
     url_max_mb: float = Field(10.0, gt=0)
     url_timeout_s: float = Field(5.0, gt=0)
     video_frames: int = Field(8, ge=1)  # frames sampled from an uploaded video
+    record: bool = True  # record every answered prediction (id, time, model, top-k, image sha256, latency) for feedback and monitoring
+    record_url: str|None = None  # SQLAlchemy URL of the store (postgresql+psycopg://... for several workers); null: sqlite under paths.out_dir/monitor
+    record_images: bool = False  # also keep the image bytes (what `clip-har feedback export` can turn into training data); off: only their sha256
+    record_queue: int = Field(10_000, ge=1)  # records waiting to be written; beyond it new ones are dropped and counted, never waited for
+    monitor_window: int = Field(500, ge=10)  # the recent predictions (and feedback) the drift scores and feedback accuracy cover
+    reference: str|None = None  # the reference.json drift is scored against; null: the export's own (else outputs/evaluate's, if it scored this model)
 
 class RetrainConfig(_Section):
     "When a retrained candidate replaces the registered champion (`clip-har retrain`)."

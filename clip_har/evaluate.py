@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, torch, torch.nn.functional as F
 
 from .core import *
 from .data import DataSourceError, eval_dataloader, image_batch, read_manifest
-from .metrics import classification_metrics, plot_confusion
+from .metrics import REFERENCE_FILE, classification_metrics, monitor_reference, plot_confusion
 from .model import load_classifier, precision_check, predict_logits, read_classifier_meta
 from .tracking import Tracker, lineage
 from .train import saved_valid_logits
@@ -308,6 +308,8 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
     result = dict(model=meta['model'], model_path=str(model_path), report=str(out/'report.html'), split=split, manifest=str(manifest), wise_alpha=meta.get('wise_alpha'), precision=precision,
                   smoke_run=meta.get('pretrained') is None or meta['model'] == TINY_MODEL, **metrics)
     files = write_evaluation(out, result, calibrated, logits, y, rows, labels, cfg.evaluate.mistakes)
+    sha = file_sha256(model_path if model_path.is_file() else model_path/'manifest.json')  # what `Predictor.version` starts with
+    (out/REFERENCE_FILE).write_text(json.dumps(monitor_reference(F.softmax(logits.float(), -1).numpy(), labels, split, sha), indent=2))  # drift's baseline
     run_id = json.loads((train_dir/'train_metrics.json').read_text()).get('mlflow_run_id') if not model and (train_dir/'train_metrics.json').is_file() else None
     tracker = Tracker.from_config(cfg).start(f'evaluate-{meta["model"]}', None if run_id else config_dict(cfg),
                                                   None if run_id else lineage(cfg, manifest), run_id=run_id)

@@ -12,6 +12,7 @@ import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as 
 
 from .core import *
 from .data import DataSourceError, image_batch, read_manifest
+from .metrics import REFERENCE_FILE, read_reference
 from .model import backbone_from_meta, load_classifier, load_clip, read_classifier_meta
 
 # %% auto #0
@@ -298,6 +299,7 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
                  precisions:Sequence[str]=('fp32', 'fp16', 'int8'), # for ONNX and TensorRT (TorchScript is fp32)
                  thresholds:dict|None=None, # precision -> {'max_abs', 'agreement'}; default `ExportConfig`'s
                  opset:int=17, # ONNX opset
+                 reference:dict|None=None, # the model's prediction profile on its evaluation split (`monitor_reference`), carried in the manifest
                  progress:bool=True, # a progress bar over the exports
                 ) -> list[dict]:
     "Export a classifier to every asked format and precision, each checked against PyTorch; return the manifests of those that pass."
@@ -320,7 +322,7 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
                 source_model=str(model_path), source_sha256=file_sha256(model_path),
                 labels=clf.labels, preprocess=clf.preprocess, logit_scale=clip.logit_scale, context_length=int(tokens.shape[1]),
                 head=meta.get('head'), wise_alpha=meta.get('wise_alpha'), smoke_run=meta.get('pretrained') is None or meta['model'] == TINY_MODEL,
-                torch_version=torch.__version__)
+                torch_version=torch.__version__, reference=reference)
     jobs = [(f, p) for f in formats for p in (('fp32',) if f == 'torchscript' else precisions)]
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     done, refused, t_start = [], [], time.time()
@@ -362,5 +364,6 @@ def export_from_config(cfg:Config, # export, data and paths settings
     pick = lambda split, n: list(df[df.split == split].sample(frac=1, random_state=cfg.seed).path[:n])
     cal, val = pick('train', cfg.export.calibration_images), pick('valid', cfg.export.validation_images) or pick('test', cfg.export.validation_images)
     if not cal or not val: raise DataSourceError('exporting needs real images: the manifest has no train, or no valid/test, rows')
+    ref = read_reference(Path(cfg.paths.out_dir)/'evaluate'/REFERENCE_FILE, file_sha256(model))  # evaluate's, if it scored this model
     return export_model(model, out_dir or Path(cfg.paths.out_dir)/'export', cal, val, cfg.export.formats, cfg.export.precisions,
-                        {k: v.model_dump() for k, v in cfg.export.thresholds.items()}, cfg.export.opset, progress)
+                        {k: v.model_dump() for k, v in cfg.export.thresholds.items()}, cfg.export.opset, ref, progress)

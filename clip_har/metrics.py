@@ -13,7 +13,8 @@ import torch
 from .core import *
 
 # %% auto #0
-__all__ = ['classification_metrics', 'plot_confusion', 'write_metrics']
+__all__ = ['CONFIDENCE_BINS', 'REFERENCE_FILE', 'classification_metrics', 'plot_confusion', 'write_metrics', 'prediction_profile',
+           'psi', 'monitor_reference', 'read_reference']
 
 # %% ../nbs/02_metrics.ipynb #61d37f0c
 def classification_metrics(logits:torch.Tensor, # (N, C)
@@ -57,3 +58,51 @@ def write_metrics(metrics:dict, out_dir:str|Path, extra:dict|None=None) -> Path:
                   'support': list(metrics['support'].values())}).to_csv(out/'per_class.csv', index=False)
     plot_confusion(metrics, out/'confusion_matrix.png')
     return out/'metrics.json'
+
+# %% ../nbs/02_metrics.ipynb #ad1af9e3
+CONFIDENCE_BINS = tuple(round(i / 10, 1) for i in range(11))  # top-1 confidence histogram edges
+
+def prediction_profile(predicted:Sequence[int], # predicted class index per answer
+                       confidence:Sequence[float], # its top-1 probability
+                       n_classes:int, # the size of the label set
+                      ) -> dict:
+    "The share of each predicted class and the top-1 confidence histogram (`CONFIDENCE_BINS`) of a set of answers."
+    import numpy as np
+    n = max(len(predicted), 1)
+    classes = np.bincount(np.asarray(predicted, dtype=int), minlength=n_classes)[:n_classes] / n
+    hist = np.histogram(np.clip(np.asarray(confidence, dtype=float), 0, 1), CONFIDENCE_BINS)[0] / n
+    return dict(answers=len(predicted), class_share=classes.round(6).tolist(), confidence_bins=list(CONFIDENCE_BINS),
+                confidence_share=hist.round(6).tolist())
+
+# %% ../nbs/02_metrics.ipynb #6c132d02
+def psi(expected:Sequence[float], # reference shares (sum to 1)
+        actual:Sequence[float], # the shares now, over the same bins
+        floor:float=1e-4, # the least share a bin counts with
+       ) -> float:
+    "Population stability index of `actual` against `expected`: 0 when they match, above 0.25 for a large shift."
+    import numpy as np
+    e, a = (np.clip(np.asarray(v, dtype=float), floor, None) for v in (expected, actual))
+    if e.shape != a.shape: raise ValueError(f'psi: {e.shape[0]} reference bins but {a.shape[0]} now')
+    e, a = e / e.sum(), a / a.sum()
+    return float(((a - e) * np.log(a / e)).sum())
+
+# %% ../nbs/02_metrics.ipynb #4a5b9629
+REFERENCE_FILE = 'reference.json'  # what `evaluate` writes beside its report
+
+def monitor_reference(probs, # (N, C) probabilities on the evaluation split
+                      labels:Sequence[str], # the C labels
+                      split:str, # the split's name
+                      model_sha256:str, # the scored model file's sha256
+                     ) -> dict:
+    "What live traffic is compared with: the model's prediction profile on its evaluation split."
+    import numpy as np
+    probs = np.asarray(probs, dtype=float)
+    return dict(split=split, labels=list(labels), model_sha256=model_sha256, **prediction_profile(probs.argmax(1), probs.max(1), len(labels)))
+
+def read_reference(path:str|Path|None, # a reference.json (or None)
+                   model_sha256:str|None=None, # the model's sha256 (or its start, as `Predictor.version`): another model's reference is ignored
+                  ) -> dict|None:
+    "The reference in `path` if it exists and belongs to the model; None otherwise."
+    if not path or not Path(path).is_file(): return None
+    ref = json.loads(Path(path).read_text())
+    return ref if model_sha256 is None or str(ref.get('model_sha256', '')).startswith(model_sha256) else None

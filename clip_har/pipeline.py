@@ -50,7 +50,7 @@ STAGES = [
           ['evaluate', 'tracking'], ['${paths.data_dir}/prepared', '${paths.out_dir}/train'], ['${paths.out_dir}/evaluate', '${paths.out_dir}/hub'], '${paths.out_dir}/evaluate',
           ['${paths.out_dir}/hub']),
     Stage('export', '06_export.ipynb', ['export'],
-          ['export'], ['${paths.data_dir}/prepared', '${paths.out_dir}/train'], ['${paths.out_dir}/export'], '${paths.out_dir}/export', ['${paths.out_dir}/export']),
+          ['export'], ['${paths.data_dir}/prepared', '${paths.out_dir}/train', '${paths.out_dir}/evaluate/reference.json'], ['${paths.out_dir}/export'], '${paths.out_dir}/export', ['${paths.out_dir}/export']),
     Stage('benchmark', '07_inference.ipynb', ['device'],
           ['inference'], ['${paths.out_dir}/train', '${paths.out_dir}/export'], ['${paths.out_dir}/benchmark'], '${paths.out_dir}/benchmark'),
 ]

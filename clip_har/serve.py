@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import numpy as np
-from fastcore.basics import patch
+from fastcore.basics import patch, patch_to
 from pydantic import BaseModel, ConfigDict, Field
 
 from .core import *
@@ -20,6 +20,8 @@ from . import __version__
 from .data import ImageDecodeError, ImageTooLargeError, decode_image, image_batch
 from .export import ExportError, export_model
 from .inference import VIDEO_EXTS, Predictor, random_classifier, video_frames
+from .metrics import read_reference
+from .monitor import FeedbackError, LiveMonitor, PredictionStore, Recorder, prediction_record
 try:
     from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
@@ -29,15 +31,16 @@ try:
 except ImportError as e: raise ImportError('clip_har.serve needs the serve extra: pip install "clip_har[serve]"') from e
 
 # %% auto #0
-__all__ = ['AS_USER_JSON', 'AS_USER_UPLOAD', 'ops', 'predict_router', 'images_router', 'video_router', 'labels_router', 'ROUTERS',
-           'ServeError', 'b64_image', 'preprocess_images', 'public_address', 'check_url', 'pinned_request', 'fetch_url',
-           'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction', 'PredictResponse', 'BatchResponse',
-           'PredictRequest', 'BatchRequest', 'LabelsRequest', 'LabelsResponse', 'default_model', 'app_state',
-           'model_ready', 'user', 'admin', 'json_body', 'multipart', 'error_response', 'lifespan', 'api', 'info',
-           'health', 'ready', 'metrics', 'webcam_page', 'webcam', 'classify', 'one', 'predict', 'upload_bytes',
-           'predict_image', 'predict_batch', 'predict_video', 'label_state', 'get_labels', 'put_labels', 'access_log',
-           'add_middleware', 'create_app', 'free_port', 'serve_in_thread', 'ClientError', 'InferenceClient',
-           'load_test', 'app_from_env', 'serve', 'benchmark_serving']
+__all__ = ['AS_USER_JSON', 'AS_USER_UPLOAD', 'ops', 'predict_router', 'images_router', 'video_router', 'labels_router',
+           'feedback_router', 'ROUTERS', 'ServeError', 'b64_image', 'preprocess_images', 'public_address', 'check_url',
+           'pinned_request', 'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction',
+           'PredictResponse', 'BatchResponse', 'PredictRequest', 'BatchRequest', 'LabelsRequest', 'FeedbackRequest',
+           'FeedbackResponse', 'LabelsResponse', 'default_model', 'app_state', 'model_ready', 'user', 'admin',
+           'json_body', 'multipart', 'error_response', 'lifespan', 'api', 'info', 'health', 'ready', 'metrics',
+           'webcam_page', 'webcam', 'classify', 'one', 'predict', 'upload_bytes', 'predict_image', 'predict_batch',
+           'predict_video', 'label_state', 'get_labels', 'put_labels', 'feedback', 'access_log', 'add_middleware',
+           'create_app', 'free_port', 'serve_in_thread', 'ClientError', 'InferenceClient', 'load_test', 'app_from_env',
+           'serve', 'benchmark_serving']
 
 # %% ../nbs/09_serve.ipynb #9d802508
 class ServeError(Exception):
@@ -264,6 +267,7 @@ class PredictResponse(BaseModel):
     model_version: str
     backend: str
     timings_ms: dict[str, float]
+    prediction_id: str = Field(description='quote it in POST /feedback to say whether the answer was right')
 
 # %% ../nbs/09_serve.ipynb #9c7e5aad
 class BatchResponse(BaseModel):
@@ -273,6 +277,7 @@ class BatchResponse(BaseModel):
     model_version: str
     backend: str
     timings_ms: dict[str, float]
+    prediction_ids: list[str]  # one per image, in order
 
 # %% ../nbs/09_serve.ipynb #00153630
 class PredictRequest(BaseModel):
@@ -293,6 +298,19 @@ class LabelsRequest(BaseModel):
     model_config = ConfigDict(extra='forbid')
     labels: list[str]|None = Field(None, min_length=1, max_length=1000)
 
+class FeedbackRequest(BaseModel):
+    "A user's word on a prediction: its id and the right label."
+    model_config = ConfigDict(extra='forbid')
+    prediction_id: str = Field(min_length=1, max_length=64)
+    label: str = Field(min_length=1, max_length=200)
+
+class FeedbackResponse(BaseModel):
+    "The feedback as recorded: whether the prediction was right."
+    prediction_id: str
+    label: str
+    predicted: str
+    correct: bool
+
 class LabelsResponse(BaseModel):
     "The label set in use, the trained one, and whether they differ."
     labels: list[str]
@@ -309,7 +327,13 @@ def _metrics(registry):
         batch=Histogram('clip_har_batch_size', 'Images per model forward pass', buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry),
         inference=Histogram('clip_har_inference_seconds', 'Model time per batch', buckets=lat, registry=registry),
         images=Counter('clip_har_images', 'Images classified', registry=registry),
-        ready=Gauge('clip_har_model_ready', '1 once the model is loaded', multiprocess_mode='max', registry=registry))
+        ready=Gauge('clip_har_model_ready', '1 once the model is loaded', multiprocess_mode='max', registry=registry),
+        records=Counter('clip_har_prediction_records', 'Prediction records: written, failed (the store is down) or dropped (queue full)', ['outcome'], registry=registry),
+        feedback=Counter('clip_har_feedback', 'Feedback received, by whether the prediction was right', ['correct'], registry=registry),
+        drift=Gauge('clip_har_drift_psi', 'PSI of the recent answers against the evaluation split, by signal (class, confidence)', ['signal'],
+                    multiprocess_mode='max', registry=registry),
+        feedback_accuracy=Gauge('clip_har_feedback_accuracy', 'Share of the recent feedback that says the prediction was right', multiprocess_mode='min', registry=registry),
+        window=Gauge('clip_har_monitor_window', 'Answers in the drift window', multiprocess_mode='max', registry=registry))
 
 # %% ../nbs/09_serve.ipynb #9a09cb1d
 class _BodyLimit:
@@ -360,17 +384,24 @@ class _State:
         self.ready = threading.Event()
         if predictor is not None: self.ready.set()
         self.decoders = ThreadPoolExecutor(2, thread_name_prefix='clip-har-decode')  # a few: decoding must not starve the model of cores
+        self.store = PredictionStore(settings.record_url) if settings.record and settings.record_url else None
+        self.recorder, self.monitor, self._gauged = None, LiveMonitor(None, settings.monitor_window), 0.0
+        if predictor is not None: self._watch(predictor)
     def _score(self, x): return self.predictor.scores(x), list(self.predictor.labels)
     def _observe(self, n, secs):
         self.metrics['batch'].observe(n); self.metrics['inference'].observe(secs); self.metrics['images'].inc(n)
     def load_model(self):
         try:
             self.predictor = self.load()
+            self._watch(self.predictor)
             self.ready.set(); self.metrics['ready'].set(1)
             get_logger().info(f'serving {self.predictor}')
         except Exception as e:
             self.error = f'{type(e).__name__}: {e}'
             get_logger().error(f'the model did not load: {self.error}')
+    def _watch(self, p):
+        self.monitor.reference = p.manifest.get('reference') or read_reference(self.settings.reference, p.version)
+        if self.monitor.reference is None: get_logger().warning('no reference profile for this model (run `clip-har evaluate`, then export): drift is not scored')
 
 def app_state(request) -> _State:
     "The `_State` of the app a request reached."
@@ -381,6 +412,39 @@ def model_ready(state:_State):
     if not state.ready.is_set():
         raise ServeError(503, f'the model failed to load: {state.error}' if state.error else 'the model is still loading', {'Retry-After': '2'})
     return state.predictor
+
+# %% ../nbs/09_serve.ipynb #e4e9ff40
+@patch_to(_State)
+def record(self, route:str, images:Sequence[bytes], results:list, labels:Sequence[str], latency_ms:float) -> list[str]:
+    "Ids for the answered `images`; their records queued and the live monitor fed."
+    p, ids = self.predictor, [uuid.uuid4().hex for _ in results]
+    for pid, image, top in zip(ids, images, results):
+        self.monitor.add(top[0]['class_name'], top[0]['score'])
+        if self.recorder: self.recorder.put(prediction_record(pid, top, image, labels, p.class_emb is not None, p.manifest['model'], p.version,
+                                                             p.backend, route, latency_ms, self.settings.record_images))
+    if time.monotonic() - self._gauged > 1.0: self.update_gauges()
+    return ids
+
+@patch_to(_State)
+def update_gauges(self):
+    "Set the drift and feedback gauges from the live monitor."
+    s, m = self.monitor.scores(self.predictor.labels if self.predictor else None), self.metrics
+    m['drift'].labels('class').set(s['class_psi']); m['drift'].labels('confidence').set(s['confidence_psi'])
+    m['feedback_accuracy'].set(s['feedback_accuracy']); m['window'].set(s['answers']); self._gauged = time.monotonic()
+
+@patch_to(_State)
+def take_feedback(self, prediction_id:str, label:str, caller:str|None) -> dict:
+    "Store a correction (`ServeError` 4xx for bad feedback, 503 when the store is down); what was recorded."
+    if self.recorder is None: raise ServeError(409, 'prediction recording is off on this server (serve.record): there is nothing to give feedback on')
+    try:
+        try: res = self.store.add_feedback(prediction_id, label, caller)
+        except FeedbackError as e:
+            if e.status != 404 or not self.recorder.flush(2.0): raise
+            res = self.store.add_feedback(prediction_id, label, caller)  # its record was still queued
+    except FeedbackError as e: raise ServeError(e.status, e.message) from None
+    except Exception as e: raise ServeError(503, f'the prediction store is unavailable ({type(e).__name__}); try again later', {'Retry-After': '5'}) from None
+    self.monitor.add_feedback(res['correct']); self.metrics['feedback'].labels(str(res['correct']).lower()).inc(); self.update_gauges()
+    return res
 
 # %% ../nbs/09_serve.ipynb #9150071e
 def _caller(request, state:_State, admin:bool=False) -> str:
@@ -429,9 +493,10 @@ async def _unexpected(request, e):
 # %% ../nbs/09_serve.ipynb #ceb19f80
 @asynccontextmanager
 async def lifespan(app):
-    "Start the batcher and load the model (before the first connection with `load_first`, else in the background); stop at shutdown."
+    "Start the batcher and the recorder and load the model (before the first connection with `load_first`, else in the background); stop at shutdown."
     state = app.state.clip_har
     state.batcher.start()
+    if state.store: state.recorder = Recorder(state.store, state.settings.record_queue, lambda outcome, n: state.metrics['records'].labels(outcome).inc(n))
     if state.ready.is_set(): state.metrics['ready'].set(1)
     elif app.state.load_first:
         await asyncio.get_running_loop().run_in_executor(None, state.load_model)
@@ -440,6 +505,7 @@ async def lifespan(app):
     yield
     await state.batcher.stop()
     state.decoders.shutdown(wait=False)
+    if state.recorder: await asyncio.get_running_loop().run_in_executor(None, state.recorder.close)
 
 # %% ../nbs/09_serve.ipynb #85dcc3a6
 def api(state:_State, # what the routes share
@@ -479,7 +545,8 @@ async def ready(request:Request):
 @ops.get('/metrics', summary='Prometheus metrics', response_class=PlainTextResponse)
 async def metrics(request:Request):
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    registry = app_state(request).registry
+    state = app_state(request); state.update_gauges()
+    registry = state.registry
     if os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
         from prometheus_client import multiprocess
         registry = CollectorRegistry(); multiprocess.MultiProcessCollector(registry)
@@ -494,8 +561,9 @@ def webcam_page() -> str:
 async def webcam(): return HTMLResponse(webcam_page())
 
 # %% ../nbs/09_serve.ipynb #0ff3180a
-async def classify(state:_State, images:list[bytes], k:int|None, names=None, pool:bool=False) -> dict:
-    "Top-`k` predictions of each image (or of their mean with `pool`), through the batcher."
+async def classify(request:Request, images:list[bytes], k:int|None, names=None, pool:bool=False, recorded:bytes|None=None) -> dict:
+    "Top-`k` predictions of each image (or of their mean with `pool`, recorded as `recorded`), through the batcher; each answer gets an id."
+    state = app_state(request)
     pred, t0, s = model_ready(state), time.perf_counter(), state.settings
     with state.batcher.expecting():
         x = await asyncio.get_running_loop().run_in_executor(state.decoders, preprocess_images, images, pred.preprocess, s.max_pixels, names)
@@ -506,12 +574,15 @@ async def classify(state:_State, images:list[bytes], k:int|None, names=None, poo
     if pool: probs = probs.mean(0, keepdims=True)
     timings = {'decode_ms': (t1 - t0) * 1000, 'queue_ms': timing['queue_ms'], 'inference_ms': timing['inference_ms'],
                'total_ms': (time.perf_counter() - t0) * 1000}
-    return dict(results=pred.top_k(probs, k or s.top_k, labels), model=pred.manifest['model'], model_version=pred.version,
-                backend=pred.backend, timings_ms={k: round(v, 3) for k, v in timings.items()})
+    results = pred.top_k(probs, k or s.top_k, labels)
+    ids = state.record(request.url.path, [recorded] if recorded is not None else images, results, labels, timings['total_ms'])
+    request.state.prediction_ids = ids
+    return dict(results=results, model=pred.manifest['model'], model_version=pred.version, backend=pred.backend,
+                timings_ms={k: round(v, 3) for k, v in timings.items()}, prediction_ids=ids)
 
 def one(res:dict) -> dict:
-    "A one-image answer: its predictions, with the model and timings."
-    return {'predictions': res.pop('results')[0], **res}
+    "A one-image answer: its predictions and id, with the model and timings."
+    return {'predictions': res.pop('results')[0], 'prediction_id': res.pop('prediction_ids')[0], **res}
 
 # %% ../nbs/09_serve.ipynb #0a07296a
 predict_router = APIRouter(tags=['predict'])
@@ -523,8 +594,8 @@ async def predict(body:PredictRequest, request:Request):
     if body.url is not None:
         if not s.allow_urls: raise ServeError(403, 'URL input is off on this server (serve.allow_urls); send the image as base64')
         data = await fetch_url(body.url, _mb(s.url_max_mb), s.url_timeout_s, s.url_trusted_hosts)
-        return one(await classify(state, [data], body.top_k, ['the image at the URL']))
-    return one(await classify(state, [b64_image(body.image)], body.top_k))
+        return one(await classify(request, [data], body.top_k, ['the image at the URL']))
+    return one(await classify(request, [b64_image(body.image)], body.top_k))
 
 # %% ../nbs/09_serve.ipynb #f98c573d
 async def upload_bytes(file:UploadFile, kinds:tuple) -> bytes:
@@ -541,14 +612,14 @@ images_router = APIRouter(tags=['predict'])
                     dependencies=AS_USER_UPLOAD)
 async def predict_image(request:Request, file:UploadFile=File(...), top_k:int|None=Query(None, ge=1, le=1000)):
     data = await upload_bytes(file, ('image/',))
-    return one(await classify(app_state(request), [data], top_k, [file.filename or 'the upload']))
+    return one(await classify(request, [data], top_k, [file.filename or 'the upload']))
 
 @images_router.post('/predict/batch', response_model=BatchResponse, summary='Classify several base64 images in one request', dependencies=AS_USER_JSON)
 async def predict_batch(body:BatchRequest, request:Request):
     state = app_state(request)
     if len(body.images) > state.settings.max_batch_images:
         raise ServeError(413, f'{len(body.images)} images; at most {state.settings.max_batch_images} per request')
-    return await classify(state, [b64_image(im, f'images[{i}]') for i, im in enumerate(body.images)], body.top_k,
+    return await classify(request, [b64_image(im, f'images[{i}]') for i, im in enumerate(body.images)], body.top_k,
                           [f'images[{i}]' for i in range(len(body.images))])
 
 # %% ../nbs/09_serve.ipynb #15384b66
@@ -570,7 +641,7 @@ async def predict_video(request:Request, file:UploadFile=File(...), top_k:int|No
     buf = []
     for f in frames:
         b = io.BytesIO(); f.save(b, 'PNG'); buf.append(b.getvalue())
-    return one(await classify(state, buf, top_k, pool=True))
+    return one(await classify(request, buf, top_k, pool=True, recorded=data))
 
 # %% ../nbs/09_serve.ipynb #6ced4fbf
 labels_router = APIRouter(tags=['labels'])
@@ -597,6 +668,15 @@ async def put_labels(body:LabelsRequest, request:Request):
         except ExportError as e: raise ServeError(409, f'this model cannot take new labels: {e}') from None
     return label_state(state)
 
+# %% ../nbs/09_serve.ipynb #77a7ed2b
+feedback_router = APIRouter(tags=['feedback'])
+
+@feedback_router.post('/feedback', response_model=FeedbackResponse, summary='Say what the right label of an answered prediction was', dependencies=AS_USER_JSON)
+async def feedback(body:FeedbackRequest, request:Request):
+    state = app_state(request)
+    return await asyncio.get_running_loop().run_in_executor(None, state.take_feedback, body.prediction_id.strip(), body.label.strip(),
+                                                            getattr(request.state, 'caller', None))
+
 # %% ../nbs/09_serve.ipynb #23b70341
 async def access_log(request:Request, call_next):
     "Give the request an id; count, time and log it as one JSON line."
@@ -609,6 +689,7 @@ async def access_log(request:Request, call_next):
     state.metrics['requests'].labels(route, request.method, str(response.status_code)).inc()
     state.metrics['latency'].labels(route).observe(secs)
     response.headers['X-Request-ID'] = request.state.request_id
+    if getattr(request.state, 'prediction_ids', None): response.headers['X-Prediction-Id'] = ','.join(request.state.prediction_ids)
     logging.getLogger('clip_har.access').info(json.dumps({
         'ts': round(time.time(), 3), 'request_id': request.state.request_id, 'method': request.method, 'path': request.url.path,
         'status': response.status_code, 'ms': round(secs * 1000, 2), 'client': request.client.host if request.client else None,
@@ -627,7 +708,7 @@ def add_middleware(app:FastAPI, settings:ServeConfig) -> FastAPI:
     return app
 
 # %% ../nbs/09_serve.ipynb #8b30ab79
-ROUTERS = (ops, predict_router, images_router, video_router, labels_router)
+ROUTERS = (ops, predict_router, images_router, video_router, labels_router, feedback_router)
 
 def create_app(settings:ServeConfig|None=None, # the `serve` section (default: its defaults)
                predictor=None, # a loaded `Predictor`; default: load `settings.model` when the app starts
@@ -741,6 +822,13 @@ def predict_from_image_url(self:InferenceClient, url:str, top_k:int|None=None) -
     "Predictions for an image the service fetches (URL input must be on)."
     return self.request('POST', '/predict', json={'url': url, 'top_k': top_k})
 
+@patch
+def feedback(self:InferenceClient, prediction_id:str, # from a prediction's answer (`prediction_id`)
+             label:str, # the right label
+            ) -> dict:
+    "Tell the service what the right label of a prediction was; whether the prediction was right."
+    return self.request('POST', '/feedback', json={'prediction_id': prediction_id, 'label': label})
+
 # %% ../nbs/09_serve.ipynb #7a64f351
 @patch
 def predict_batch(self:InferenceClient, images:Sequence, # paths or encoded bytes
@@ -813,11 +901,12 @@ def serve(settings:ServeConfig, # the `serve` section, with `model` set
     uvicorn.run('clip_har.serve:app_from_env', factory=True, workers=settings.workers, **kw)
 
 # %% ../nbs/09_serve.ipynb #4319bd1d
-def _start_server(model:str, port:int, max_batch:int, max_wait_ms:float, timeout:float=180.0):
-    "`clip-har serve` in a subprocess; returns it once /ready answers."
+def _start_server(model:str, port:int, max_batch:int, max_wait_ms:float, record_url:str|None, timeout:float=180.0):
+    "`clip-har serve` in a subprocess, recording to `record_url` (None: not recording); returns it once /ready answers."
     import subprocess, sys, urllib.request
     cmd = [sys.executable, '-c', 'import sys; from clip_har.cli import main; sys.exit(main())', 'serve', '--model', str(model), '--port', str(port), '-q',
-           '--set', f'serve.max_batch={max_batch}', '--set', f'serve.max_wait_ms={max_wait_ms}']
+           '--set', f'serve.max_batch={max_batch}', '--set', f'serve.max_wait_ms={max_wait_ms}',
+           '--set', f'serve.record={record_url is not None}', *(['--set', f'serve.record_url={record_url}'] if record_url else [])]
     log = tempfile.NamedTemporaryFile('w+', prefix='clip-har-serve-', suffix='.log', delete=False)  # a file, not a pipe: the access log never blocks
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tempfile.gettempdir())  # no params.yaml there: defaults
     deadline = time.time() + timeout
@@ -853,9 +942,9 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
     raw = reps * len(images) / (time.perf_counter() - t0)
     del pred
     rows = []
-    for mode, max_batch, wait in [('batch-1', 1, 0.0), ('dynamic', 32, 5.0)]:
+    for mode, max_batch, wait, record in [('batch-1', 1, 0.0, True), ('dynamic', 32, 5.0, True), ('dynamic, not recording', 32, 5.0, False)]:
         port = free_port()
-        proc = _start_server(model, port, max_batch, wait)
+        proc = _start_server(model, port, max_batch, wait, f'sqlite:///{out}/records-{port}.db' if record else None)
         try:
             load_test(f'http://127.0.0.1:{port}', images, n=32, concurrency=8)  # warm-up
             for c in concurrencies:
@@ -867,13 +956,14 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
             proc.terminate(); proc.wait(30)
     df = pd.DataFrame(rows)
     df['served_over_raw'] = df.requests_per_s / raw
-    best = df[df['mode'] == 'dynamic'].requests_per_s.max()
-    summary = dict(model=name, backend=backend, cpu_count=os.cpu_count(), raw_predictor_images_per_s=raw,
-                   best_served_requests_per_s=best, served_over_raw=best / raw, rows=rows)
+    best, unrecorded = (df[df['mode'] == m].requests_per_s.max() for m in ('dynamic', 'dynamic, not recording'))
+    summary = dict(model=name, backend=backend, cpu_count=os.cpu_count(), raw_predictor_images_per_s=raw, best_served_requests_per_s=best,
+                   served_over_raw=best / raw, not_recording_over_raw=unrecorded / raw, recording_over_not=best / unrecorded, rows=rows)
     (out/'serving.json').write_text(json.dumps(summary, indent=2, default=float))
     (out/'serving.md').write_text(f'# Serving {name} ({backend}) on {os.cpu_count()} CPU cores, random weights\n\n'
                                   f'Raw `Predictor` throughput (decoding included, batch 32): {raw:.1f} images/s. '
-                                  f'Best served: {best:.1f} requests/s, {best / raw:.2f} of raw.\n\n' + df.round(3).to_markdown(index=False) + '\n')
+                                  f'Best served, recording every answer: {best:.1f} requests/s, {best / raw:.2f} of raw; not recording: '
+                                  f'{unrecorded:.1f} requests/s, {unrecorded / raw:.2f} of raw.\n\n' + df.round(3).to_markdown(index=False) + '\n')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for mode, g in df.groupby('mode'):
@@ -881,5 +971,6 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
     axes[0].axhline(raw, ls='--', c='grey', label='raw Predictor')
     for ax, yl in zip(axes, ('requests / s', 'p99 latency (ms)')): ax.set_xlabel('concurrency'); ax.set_ylabel(yl); ax.set_xscale('log', base=2); ax.legend()
     fig.suptitle(f'serving {name} ({backend})'); fig.tight_layout(); fig.savefig(out/'serving.png', dpi=100); plt.close(fig)
-    print(f'raw Predictor {raw:.1f} images/s; best served {best:.1f} requests/s: {best / raw:.2f} of raw')
+    print(f'raw Predictor {raw:.1f} images/s; best served {best:.1f} requests/s recording ({best / raw:.2f} of raw), '
+          f'{unrecorded:.1f} not recording ({unrecorded / raw:.2f} of raw): recording keeps {best / unrecorded:.2f} of the throughput')
     return df

@@ -1,5 +1,5 @@
 """Shared helpers for the integration tests: they run the real `clip-har` command, papermill, DVC and chromium."""
-import os, shutil, subprocess, sys
+import os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
@@ -59,3 +59,29 @@ def copy_checkout(dest: Path) -> Path:
     for cmd in (['git', 'init', '-q'], ['git', 'add', '-A'], ['git', '-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'copy']):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     return dest
+
+def start(model, *sets, workers=1, extra_env=None, timeout=120):
+    "`clip-har serve` on a free port, recording beside the model unless `sets` say otherwise; (process, base URL, log) once /ready answers."
+    import httpx
+    from clip_har.serve import free_port
+    port = free_port()
+    args = [BIN/'clip-har', 'serve', '--model', model, '--port', str(port), '--workers', str(workers)]
+    for s in sets: args += ['--set', s]
+    if not any(s.startswith('serve.record') for s in sets):  # records beside the model, never in the checkout's outputs/
+        args += ['--set', f'serve.record_url=sqlite:///{Path(model).parent}/records-{port}.db']
+    log = open(Path(model).parent/f'serve-{port}.log', 'w')
+    proc = subprocess.Popen([str(a) for a in args], env=env(**(extra_env or {})), stdout=log, stderr=subprocess.STDOUT)
+    url, deadline = f'http://127.0.0.1:{port}', time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+        try:
+            if httpx.get(url + '/ready', timeout=2).status_code == 200: return proc, url, Path(log.name)
+        except httpx.HTTPError: pass
+        time.sleep(0.2)
+    proc.kill(); raise TimeoutError(Path(log.name).read_text()[-3000:])
+
+def stop(proc) -> bool:
+    "SIGTERM; whether the server shut down by itself (uvicorn re-raises the signal once it has drained: status -15)."
+    proc.terminate()
+    try: return proc.wait(30) in (0, -signal.SIGTERM)
+    except subprocess.TimeoutExpired: proc.kill(); raise

@@ -8,34 +8,12 @@ from pathlib import Path
 import httpx, pytest
 from PIL import Image
 
-from conftest import BIN, ROOT, env
+from conftest import BIN, ROOT, env, start, stop
 from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, file_sha256
 from clip_har.serve import InferenceClient, ClientError, free_port, load_test
 
 PHOTOS = sorted(fixtures_dir().rglob('*.jpg'))
 JPG = PHOTOS[0].read_bytes()
-
-def start(model, *sets, workers=1, extra_env=None, timeout=120):
-    "`clip-har serve` on a free port; returns (process, base URL) once /ready answers."
-    port = free_port()
-    args = [BIN/'clip-har', 'serve', '--model', model, '--port', str(port), '--workers', str(workers)]
-    for s in sets: args += ['--set', s]
-    log = open(Path(model).parent/f'serve-{port}.log', 'w')
-    proc = subprocess.Popen([str(a) for a in args], env=env(**(extra_env or {})), stdout=log, stderr=subprocess.STDOUT)
-    url, deadline = f'http://127.0.0.1:{port}', time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-        try:
-            if httpx.get(url + '/ready', timeout=2).status_code == 200: return proc, url, Path(log.name)
-        except httpx.HTTPError: pass
-        time.sleep(0.2)
-    proc.kill(); raise TimeoutError(Path(log.name).read_text()[-3000:])
-
-def stop(proc) -> bool:
-    "SIGTERM; whether the server shut down by itself (uvicorn re-raises the signal once it has drained: status -15)."
-    proc.terminate()
-    try: return proc.wait(30) in (0, -signal.SIGTERM)
-    except subprocess.TimeoutExpired: proc.kill(); raise
 
 def same(a, b, eps=1e-5) -> bool:
     "Equal predictions: the same labels in order, scores within `eps` (batched and single runs differ in the last digits)."
@@ -208,6 +186,12 @@ def test_load_2000_requests_at_concurrency_32(server):
     one, total = (float(l.split()[-1]) for l in sizes)
     print(f'{total:.0f} forward passes so far, {one:.0f} of them a single image')
     assert one < total  # concurrent requests were batched
+    written = lambda: float(next((l.split()[-1] for l in httpx.get(server + '/metrics').text.splitlines()
+                                  if l.startswith('clip_har_prediction_records_total{outcome="written"}')), 0))
+    deadline = time.time() + 30
+    while written() < 2000 and time.time() < deadline: time.sleep(0.2)
+    assert written() >= 2000  # every answer recorded (off the request path), none dropped or failed
+    assert 'outcome="failed"' not in httpx.get(server + '/metrics').text and 'outcome="dropped"' not in httpx.get(server + '/metrics').text
 
 def test_keys_and_rate_limits(model):
     proc, url, _ = start(model, 'serve.rate_limit=6', 'serve.rate_burst=3',  # a token per 10 s: no machine is slow enough to refill during the burst

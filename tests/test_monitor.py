@@ -1,0 +1,147 @@
+"""Closing the loop as a deployment runs it: `clip-har serve` on loopback recording every answer into SQLite and into a
+real PostgreSQL server (Debian's, started for the test), feedback over HTTP and through `InferenceClient`, a store that
+dies mid-traffic, drift that stays low for reference traffic and jumps for one class, and `clip-har monitor`."""
+import base64, io, json, os, re, shutil, subprocess, tempfile, time
+from pathlib import Path
+
+import httpx, numpy as np, pytest
+from PIL import Image
+
+from conftest import clip_har, run, start, stop
+from clip_har.core import TINY_MODEL, file_sha256, fixtures_dir
+from clip_har.data import image_batch
+from clip_har.inference import Predictor, random_classifier
+from clip_har.metrics import monitor_reference
+from clip_har.monitor import PredictionStore
+from clip_har.serve import ClientError, InferenceClient, free_port, load_test
+
+PHOTOS = sorted(fixtures_dir().rglob('*.jpg'))
+JPG = PHOTOS[0].read_bytes()
+
+def b64(data:bytes) -> str: return base64.b64encode(data).decode()
+
+def metric(url:str, name:str) -> float:
+    "One sample of the server's /metrics (0 when absent)."
+    for line in httpx.get(url + '/metrics').text.splitlines():
+        if line.startswith(name + ' ') or line.startswith(name + '{') and line.split(' ')[0] == name: return float(line.split()[-1])
+    return 0.0
+
+def eventually(f, timeout=30.0):
+    "Poll `f` until it is truthy; its last value."
+    deadline = time.time() + timeout
+    while not (v := f()) and time.time() < deadline: time.sleep(0.1)
+    return v
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory) -> Path:
+    return random_classifier(TINY_MODEL, tmp_path_factory.mktemp('monitor')/'model.pt')
+
+class Postgres:
+    "A throwaway PostgreSQL cluster of Debian's packages on a loopback port (run as the postgres user when we are root)."
+    def __init__(self, bindir:Path):
+        self.bindir, self.dir, self.port = bindir, Path(tempfile.mkdtemp(prefix='clip-har-pg-')), free_port()
+        self.as_user = []
+        if os.geteuid() == 0: shutil.chown(self.dir, 'postgres'); self.as_user = ['runuser', '-u', 'postgres', '--']
+        run(*self.as_user, bindir/'initdb', '-D', self.dir/'data', '-U', 'clip', '--auth=trust', '-E', 'UTF8', check=True)
+        self.url = f'postgresql+psycopg://clip@127.0.0.1:{self.port}/postgres'
+    def ctl(self, *args):
+        return run(*self.as_user, self.bindir/'pg_ctl', '-D', self.dir/'data', '-l', self.dir/'log', '-w',
+                   '-o', f'-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1', *args, check=True)
+
+@pytest.fixture(scope='module')
+def postgres():
+    "A real PostgreSQL server; the tests that need it skip where it is not installed."
+    found = shutil.which('initdb') or next(iter(sorted(Path('/usr/lib/postgresql').glob('*/bin/initdb'))), None)
+    if not found: pytest.skip('PostgreSQL is not installed here (apt-get install postgresql; .ci/run installs it in CI)')
+    pg = Postgres(Path(found).resolve().parent)
+    pg.ctl('start')
+    yield pg
+    pg.ctl('stop', '-m', 'immediate'); shutil.rmtree(pg.dir, ignore_errors=True)
+
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def store_url(request, tmp_path) -> str:
+    return f'sqlite:///{tmp_path}/records.db' if request.param == 'sqlite' else request.getfixturevalue('postgres').url
+
+def gif_bytes() -> bytes:
+    b = io.BytesIO(); frames = [Image.open(p).convert('RGB').resize((64, 64)) for p in PHOTOS[:3]]
+    frames[0].save(b, 'GIF', save_all=True, append_images=frames[1:], duration=100); return b.getvalue()
+
+def test_every_prediction_route_records_once_and_takes_feedback(model, store_url):
+    proc, url, log = start(model, f'serve.record_url={store_url}')
+    ids = {}
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            answers = {'/predict': c.post('/predict', json={'image': b64(JPG)}),
+                       '/predict/image': c.post('/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}),
+                       '/predict/batch': c.post('/predict/batch', json={'images': [b64(p.read_bytes()) for p in PHOTOS[:3]]}),
+                       '/predict/video': c.post('/predict/video', files={'file': ('clip.gif', gif_bytes(), 'image/gif')})}
+            for route, r in answers.items():
+                assert r.status_code == 200, (route, r.text)
+                ids[route] = r.json().get('prediction_ids') or [r.json()['prediction_id']]
+                assert r.headers['x-prediction-id'] == ','.join(ids[route]) and all(re.fullmatch('[0-9a-f]{32}', i) for i in ids[route])
+            assert len(ids['/predict/batch']) == 3
+            top = answers['/predict/image'].json()['predictions'][0]['class_name']
+            other = next(l for l in c.get('/labels').json()['labels'] if l != top)
+            with InferenceClient(url) as client:
+                assert client.feedback(ids['/predict/image'][0], other) == {'prediction_id': ids['/predict/image'][0], 'label': other, 'predicted': top, 'correct': False}
+                with pytest.raises(ClientError) as e: client.feedback(ids['/predict/image'][0], top)
+                assert e.value.status == 409 and 'already has feedback' in e.value.message
+            assert c.post('/feedback', json={'prediction_id': ids['/predict'][0], 'label': top}).status_code == 200
+            for body, status in [({'prediction_id': 'f' * 32, 'label': top}, 404), ({'prediction_id': ids['/predict/batch'][0], 'label': 'juggling'}, 422),
+                                 ({'prediction_id': ids['/predict/batch'][0]}, 422), ({'prediction_id': 'x', 'label': top, 'extra': 1}, 422),
+                                 ({'prediction_id': 'x' * 65, 'label': top}, 422)]:
+                r = c.post('/feedback', json=body)
+                assert r.status_code == status and r.json()['status'] == status and r.json()['error'], (body, r.text)
+            r = c.post('/feedback', content=b'prediction_id=x', headers={'content-type': 'application/x-www-form-urlencoded'})
+            assert r.status_code == 415, r.text
+    finally: assert stop(proc)
+    df = PredictionStore(store_url).records()
+    for route, pids in ids.items():
+        rows = df[df.id.isin(pids)]
+        assert len(rows) == len(pids) and set(rows.route) == {route}, (route, rows)
+    video = df[df.id == ids['/predict/video'][0]].iloc[0]
+    assert video.sha256 == __import__('hashlib').sha256(gif_bytes()).hexdigest()  # the upload is what is recorded, not its frames
+    by_id = df.set_index('id')
+    assert (by_id.correct[ids['/predict/image'][0]], by_id.truth[ids['/predict/image'][0]], by_id.correct[ids['/predict'][0]]) == (False, other, True)
+    assert PredictionStore(store_url).records(images=True).image.isna().all()  # images are kept only with serve.record_images
+
+def test_a_store_that_dies_mid_traffic_costs_no_prediction(model, postgres):
+    proc, url, log = start(model, f'serve.record_url={postgres.url}')
+    images = [p.read_bytes() for p in PHOTOS]
+    try:
+        assert load_test(url, images, n=60, concurrency=8)['errors'] == 0
+        assert eventually(lambda: metric(url, 'clip_har_prediction_records_total{outcome="written"}') >= 60)
+        postgres.ctl('stop', '-m', 'fast')
+        down = load_test(url, images, n=120, concurrency=8)
+        assert down['errors'] == 0 and down['statuses'] == {'200': 120}, down
+        assert eventually(lambda: metric(url, 'clip_har_prediction_records_total{outcome="failed"}') > 0)
+        postgres.ctl('start')
+        written = metric(url, 'clip_har_prediction_records_total{outcome="written"}')
+        assert load_test(url, images, n=40, concurrency=8)['errors'] == 0
+        assert eventually(lambda: metric(url, 'clip_har_prediction_records_total{outcome="written"}') >= written + 40)
+    finally: assert stop(proc)
+    text = log.read_text()
+    assert text.count('prediction records are not being written') == 1 and 'recording again after' in text, text[-3000:]
+
+def test_drift_is_low_for_reference_traffic_and_high_for_one_class(model, tmp_path):
+    pred = Predictor(model)
+    probs = pred.scores(image_batch(PHOTOS, pred.preprocess).numpy())
+    ref = monitor_reference(probs, pred.labels, 'test', file_sha256(model))
+    (tmp_path/'reference.json').write_text(json.dumps(ref))
+    top = probs.argmax(1)
+    common = [p.read_bytes() for p, t in zip(PHOTOS, top) if t == np.bincount(top).argmax()]
+    store = f'sqlite:///{tmp_path}/records.db'
+    proc, url, _ = start(model, f'serve.record_url={store}', f'serve.reference={tmp_path}/reference.json', 'serve.monitor_window=135')
+    try:
+        assert load_test(url, [p.read_bytes() for p in PHOTOS], n=135, concurrency=1)['errors'] == 0  # each photo three times
+        calm = metric(url, 'clip_har_drift_psi{signal="class"}'), metric(url, 'clip_har_drift_psi{signal="confidence"}')
+        assert load_test(url, common, n=135, concurrency=4)['errors'] == 0
+        shifted = metric(url, 'clip_har_drift_psi{signal="class"}')
+    finally: assert stop(proc)
+    print(f'class PSI {calm[0]:.4f} (confidence {calm[1]:.4f}) for reference traffic; {shifted:.2f} for one class only')
+    assert calm[0] < 0.01 and calm[1] < 0.01 and shifted > 0.25  # 0.25: where the shipped alert fires
+    r = clip_har('monitor', '--url', store, '--reference', tmp_path/'reference.json', '--since', 'all', '--json')
+    rep = json.loads(r.stdout)
+    assert r.returncode == 0 and rep['predictions'] == 270 and rep['class_psi'] > 0.1, r.stdout + r.stderr
+    r = clip_har('monitor', '--url', store, '--since', 'all')
+    assert r.returncode == 0 and 'predictions: 270' in r.stdout, r.stdout
