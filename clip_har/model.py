@@ -24,7 +24,8 @@ __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'ModelLoadError', '
            'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier', 'clip_classifier', 'clip_splitter',
            'splits_at_blocks', 'tower_below', 'tower_above', 'backbone_meta', 'backbone_from_meta', 'atomic_save',
            'unwrap', 'full_state_dict', 'CheckpointError', 'save_classifier', 'read_classifier_meta', 'load_classifier',
-           'grads_flagged', 'predict_logits', 'precision_check', 'evaluate_zeroshot', 'benchmark_classifier_build']
+           'grads_flagged', 'predict_logits', 'FusedQuickGELU', 'fuse_quick_gelu', 'precision_check',
+           'evaluate_zeroshot', 'benchmark_classifier_build']
 
 # %% ../nbs/03_model.ipynb #0ef7e6b6
 class ModelLoadError(ClipHarError, ValueError):
@@ -594,6 +595,31 @@ def predict_logits(model:Callable, # maps an image batch to logits (a module, or
             ys.append(yb.cpu())
             report_progress(task, sum(len(y) for y in ys), total, 'images', t0)
     return torch.cat(outs).as_subclass(torch.Tensor), torch.cat(ys).as_subclass(torch.Tensor)  # plain tensors, not fastai's subclasses
+
+# %% ../nbs/03_model.ipynb #52ea3e5c
+def _quick_gelu(x): return x * torch.sigmoid(1.702 * x)
+
+_FUSED = {}  # 'fn': the compiled function, or None once compiling failed
+
+class FusedQuickGELU(nn.Module):
+    "open_clip's QuickGELU, x * sigmoid(1.702 x), as one compiled kernel forward and one backward."
+    def forward(self, x):
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _FUSED.get('fn', 0) is None: return _quick_gelu(x)
+        if 'fn' not in _FUSED: _FUSED['fn'] = torch.compile(_quick_gelu, dynamic=True)
+        try: return _FUSED['fn'](x)
+        except Exception as e:  # no compiler here: the eager function, the same numbers
+            _FUSED['fn'] = None
+            get_logger('model').warning(f'QuickGELU stays eager (torch.compile failed: {type(e).__name__}: {str(e)[:200]})')
+            return _quick_gelu(x)
+
+def fuse_quick_gelu(model:nn.Module) -> int:
+    "Swap every open_clip QuickGELU in `model` for `FusedQuickGELU`; how many."
+    from open_clip.transformer import QuickGELU
+    n = 0
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is QuickGELU: setattr(parent, name, FusedQuickGELU()); n += 1
+    return n
 
 # %% ../nbs/03_model.ipynb #e22f5262
 @torch.no_grad()

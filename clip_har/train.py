@@ -599,6 +599,7 @@ def train(cfg:Config, # all parameters
     ckpt = read_train_checkpoint(resume, meta) if resume else None
     dls = dataloaders_from_config(cfg, manifest, device)
     model = build_model(cfg, clip)
+    if device.type == 'cpu' and (n := fuse_quick_gelu(model)): get_logger('train').info(f'{n} QuickGELU activations run fused (FusedQuickGELU)')
     zs_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if cfg.train.loss == 'ce' else None
     state = resume_from(model, ckpt, resume)
     if mode and dls.bs > len(dls.train.items) // num_distrib():
