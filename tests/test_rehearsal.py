@@ -114,9 +114,10 @@ def test_a_half_filled_cache_names_what_is_missing(hf_home, checkout, tmp_path):
 def test_make_run_unmodified_on_the_rehearsal_cache(hf_home, checkout):
     "`make run` as a user types it: all six stages with ViT-B-16/openai, progress lines, no traceback, no open_clip warning."
     for f in ('dvc.lock',): (checkout/f).unlink(missing_ok=True)
-    venv = BIN.parent
+    venv, stamp = BIN.parent, checkout.parent/'installed'
+    stamp.touch()  # this environment is installed already: the copy must never re-point its editable install at itself
     t0 = time.time()
-    r = run('make', 'run', f'VENV={venv}', cwd=checkout, timeout=2700, HF_HOME=str(hf_home))
+    r = run('make', 'run', f'VENV={venv}', f'STAMP={stamp}', cwd=checkout, timeout=2700, HF_HOME=str(hf_home))
     log = r.stdout + r.stderr
     print(f'make run on the rehearsal cache: {time.time() - t0:.0f} s')
     (checkout.parent/'make-run.log').write_text(log)  # kept: the checkout is removed at the end
