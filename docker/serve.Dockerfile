@@ -1,10 +1,10 @@
 # The prediction service: slim, non-root, with a healthcheck. Build from the repository root:
 #   docker build -f docker/serve.Dockerfile -t clip-har-serve .
 #   docker run --rm -p 8000:8000 -v $PWD/outputs:/app/outputs:ro clip-har-serve
-# It serves /app/outputs/export/onnx-fp32 (override with --model). Keys: -e CLIP_HAR_API_KEYS=... -e CLIP_HAR_ADMIN_KEYS=...
+# It serves /app/outputs/export/onnx-fp32 (override with --model) and records its answers in /app/monitor (mount a volume there). Keys: -e CLIP_HAR_API_KEYS=... -e CLIP_HAR_ADMIN_KEYS=...
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-RUN useradd --create-home --uid 10001 clip
+RUN useradd --create-home --uid 10001 clip && mkdir -p /app/monitor && chown 10001 /app/monitor  # prediction records (a volume)
 WORKDIR /app
 COPY settings.ini setup.py README.md ./
 COPY clip_har ./clip_har
@@ -17,4 +17,4 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
 # uvicorn handles SIGTERM: it stops accepting, finishes in-flight requests, then exits (docker stop's default 10 s is enough
 # for the default 30 s request timeout only when requests are short; raise --stop-timeout for long videos).
 ENTRYPOINT ["clip-har", "serve", "--host", "0.0.0.0", "--port", "8000"]
-CMD ["--model", "outputs/export/onnx-fp32"]
+CMD ["--model", "outputs/export/onnx-fp32", "--set", "serve.record_url=sqlite:////app/monitor/predictions.db"]

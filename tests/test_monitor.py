@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx, numpy as np, pytest
 from PIL import Image
 
-from conftest import clip_har, run, start, stop
+from conftest import ROOT, clip_har, run, start, stop
 from clip_har.core import TINY_MODEL, file_sha256, fixtures_dir
 from clip_har.data import image_batch
 from clip_har.inference import Predictor, random_classifier
@@ -145,3 +145,80 @@ def test_drift_is_low_for_reference_traffic_and_high_for_one_class(model, tmp_pa
     assert r.returncode == 0 and rep['predictions'] == 270 and rep['class_psi'] > 0.1, r.stdout + r.stderr
     r = clip_har('monitor', '--url', store, '--since', 'all')
     assert r.returncode == 0 and 'predictions: 270' in r.stdout, r.stdout
+
+PROM = ROOT/'docker'/'prometheus'
+DRIFT_DESCRIPTION = __import__('yaml').safe_load((PROM/'alerts.yml').read_text())['groups'][0]['rules'][0]['annotations']['description']
+
+def tool(name:str) -> str:
+    "A Prometheus program from Debian's `prometheus` package; the test skips without it."
+    exe = shutil.which(name)
+    if exe is None: pytest.skip(f"no {name} here (apt-get install prometheus; .ci/run installs it in CI)")
+    return exe
+
+def test_alert_rules_and_prometheus_config_pass_promtool():
+    promtool = tool('promtool')
+    for args in (['check', 'rules', PROM/'alerts.yml'], ['check', 'config', PROM/'prometheus.yml'], ['test', 'rules', PROM/'alerts.test.yml']):
+        r = run(promtool, *args, cwd=PROM)
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+    assert 'SUCCESS' in r.stdout + r.stderr
+
+def used_metrics() -> set:
+    "The clip_har metric names the alert rules and the Grafana dashboard query (histograms and counters by their base name)."
+    text = (PROM/'alerts.yml').read_text() + (ROOT/'docker'/'grafana'/'dashboards'/'clip-har.json').read_text()
+    return {re.sub('_(bucket|sum|count|total)$', '', m) for m in re.findall(r'clip_har_[a-z_]+', text)}
+
+def served_metrics(url:str) -> set:
+    "The metric names a server's /metrics has samples of (by the same base names)."
+    lines = [l for l in httpx.get(url + '/metrics').text.splitlines() if l and not l.startswith('#')]
+    return {re.sub('_(bucket|sum|count|total|created)$', '', l.split('{')[0].split(' ')[0]) for l in lines}
+
+def drift_reference(model:Path, folder:Path) -> list[bytes]:
+    "Write the model's reference.json (its profile on the fixtures) into `folder`; the photos of its most predicted class."
+    pred = Predictor(model)
+    probs = pred.scores(image_batch(PHOTOS, pred.preprocess).numpy())
+    (folder/'reference.json').write_text(json.dumps(monitor_reference(probs, pred.labels, 'test', file_sha256(model))))
+    top = probs.argmax(1)
+    return [p.read_bytes() for p, t in zip(PHOTOS, top) if t == np.bincount(top).argmax()]
+
+def start_prometheus(target:str, folder:Path):
+    "A real Prometheus on loopback scraping `target` every second with clip-har's rules; (process, query URL)."
+    port = free_port()
+    (folder/'prometheus.yml').write_text(f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: ['{PROM/'alerts.yml'}']\n"
+                                         f"scrape_configs:\n  - job_name: clip-har\n    static_configs: [{{targets: ['{target}']}}]\n")
+    proc = subprocess.Popen([tool('prometheus'), f'--config.file={folder}/prometheus.yml', f'--storage.tsdb.path={folder}/tsdb',
+                             f'--web.listen-address=127.0.0.1:{port}'], stdout=open(folder/'prometheus.log', 'w'), stderr=subprocess.STDOUT)
+    return proc, f'http://127.0.0.1:{port}/api/v1/query'
+
+def test_prometheus_sees_drift_move_and_the_rule_fires_on_that_series(model, tmp_path):
+    promtool = tool('promtool')
+    common = drift_reference(model, tmp_path)
+    proc, url, _ = start(model, f'serve.record_url=sqlite:///{tmp_path}/records.db', f'serve.reference={tmp_path}/reference.json', 'serve.monitor_window=90')
+    prom, api = start_prometheus(url.split('//')[1], tmp_path)
+    def seen():
+        try: res = httpx.get(api, params={'query': 'clip_har_drift_psi{signal="class"}'}, timeout=2).json()['data']['result']
+        except (httpx.HTTPError, KeyError, ValueError): return None
+        return float(res[0]['value'][1]) if res else None
+    try:
+        assert load_test(url, [p.read_bytes() for p in PHOTOS], n=90, concurrency=1)['errors'] == 0  # each photo twice: the reference
+        calm = eventually(lambda: (v := seen()) is not None and v == v and (v, )) [0]  # a scrape after the traffic (not NaN)
+        assert load_test(url, common, n=90, concurrency=4)['errors'] == 0
+        shifted = eventually(lambda: (v := seen()) is not None and v > 0.25 and v)
+        with httpx.Client(base_url=url) as c:  # one piece of feedback, so that every metric has a sample
+            pid = c.post('/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}).json()['prediction_id']
+            assert c.post('/feedback', json={'prediction_id': pid, 'label': c.get('/labels').json()['labels'][0]}).status_code == 200
+        missing = used_metrics() - served_metrics(url)
+    finally:
+        prom.terminate(); prom.wait(30); assert stop(proc)
+    print(f'Prometheus saw class PSI {calm:.4f} for reference traffic and {shifted:.2f} for one class only')
+    assert calm < 0.05 and shifted > 0.25, (calm, shifted, (tmp_path/'prometheus.log').read_text()[-2000:])
+    assert not missing, f'the alerts or the dashboard query metrics the server does not export: {missing}'
+    calm, shifted = round(calm, 6), round(shifted, 6)  # the series as measured, replayed through promtool
+    alert = {'exp_labels': {'severity': 'warning', 'instance': 'api:8000', 'signal': 'class'},
+             'exp_annotations': {'summary': f'clip-har on api:8000: class drift, PSI {shifted:.2f} (> 0.25)', 'description': DRIFT_DESCRIPTION}}
+    test = {'rule_files': [str(PROM/'alerts.yml')], 'evaluation_interval': '1m', 'tests': [{
+        'interval': '1m', 'input_series': [{'series': 'clip_har_drift_psi{instance="api:8000", job="clip-har", signal="class"}', 'values': f'{calm}x14 {shifted}x20'}],
+        'alert_rule_test': [{'eval_time': '14m', 'alertname': 'ClipHarPredictionDrift', 'exp_alerts': []},
+                            {'eval_time': '30m', 'alertname': 'ClipHarPredictionDrift', 'exp_alerts': [alert]}]}]}
+    (tmp_path/'measured.test.yml').write_text(json.dumps(test))  # JSON is YAML
+    r = run(promtool, 'test', 'rules', tmp_path/'measured.test.yml')
+    assert r.returncode == 0 and 'SUCCESS' in r.stdout + r.stderr, r.stdout + r.stderr

@@ -264,7 +264,10 @@ def test_deployment_files_are_valid():
     assert {'api', 'dashboard', 'mlflow'} <= set(compose['services'])
     assert all('healthcheck' in s for s in compose['services'].values())
     assert ':?' in compose['services']['dashboard']['environment']['CLIP_HAR_DASHBOARD_TOKEN']  # compose refuses to start it without one
-    for name in ('dashboard', 'mlflow'):  # no authentication of their own: never published beyond this machine
+    assert {'prometheus', 'alertmanager', 'grafana'} <= set(compose['services'])  # monitoring: docker/prometheus, docker/grafana
+    assert ':?' in compose['services']['grafana']['environment']['GF_SECURITY_ADMIN_PASSWORD']
+    assert 'monitor:/app/monitor' in compose['services']['api']['volumes']  # prediction records outlive the container
+    for name in ('dashboard', 'mlflow', 'prometheus', 'alertmanager', 'grafana'):  # no authentication of their own (or a password only): never published beyond this machine
         assert all(str(port).startswith('127.0.0.1:') for port in compose['services'][name]['ports']), compose['services'][name]['ports']
     docs = [d for f in sorted((docker/'k8s').glob('*.yaml')) for d in yaml.safe_load_all(f.read_text()) if d]
     kinds = {d['kind'] for d in docs}
