@@ -15,7 +15,7 @@ from .core import *
 # %% auto #0
 __all__ = ['COMMANDS', 'COMMON', 'SPLITS', 'Arg', 'command', 'add_command', 'build_parser', 'run_command', 'run_validate',
            'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote', 'run_hub',
-           'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_monitor', 'run_dashboard',
+           'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_monitor', 'run_feedback', 'run_dashboard',
            'run_pipeline_cmd', 'run_retrain', 'main']
 
 # %% ../nbs/12_cli.ipynb #30357a0f
@@ -309,6 +309,24 @@ def run_monitor(cfg:Config,
     print(json.dumps(rep, default=str) if as_json else report_text(rep))
     return 0
 
+# %% ../nbs/12_cli.ipynb #96a26bd7
+@command
+def run_feedback(cfg:Config,
+                 action:Arg(positional=True, choices=['export'])=None, # what to do: export
+                 out:str=None, # the folder to write (an image-folder source)
+                 since:str='all', # start: an ISO time or a span back from now (90m, 24h, 7d); all: from the start
+                 until:str=None, # end (default: now)
+                 url:str=None, # the store's SQLAlchemy URL (default: serve.record_url, else the SQLite file under paths.out_dir/monitor)
+                 params:str='params.yaml', overrides:list=()):
+    "`clip-har feedback export --out DIR`: the images users corrected, filed under the right label, with provenance.csv"
+    from clip_har.monitor import PredictionStore, export_feedback, parse_when, store_url
+    if action != 'export' or not out: raise ConfigError('usage: clip-har feedback export --out DIR [--since ...] [--until ...] [--url ...]')
+    url = url or store_url(cfg)
+    if url.startswith('sqlite:///') and not Path(url.removeprefix('sqlite:///')).is_file():
+        raise FileNotFoundError(f"{url.removeprefix('sqlite:///')}: no prediction records yet; `clip-har serve` writes them (serve.record)")
+    print(json.dumps(export_feedback(PredictionStore(url), out, parse_when(since), parse_when(until))))
+    return 0
+
 # %% ../nbs/12_cli.ipynb #d4ab3621
 @command
 def run_dashboard(cfg:Config,
@@ -364,9 +382,17 @@ def run_pipeline_cmd(cfg:Config,
 def run_retrain(cfg:Config,
                 demo:bool=False, # retrain the demo pipeline in demo/
                 use_dvc:Arg(flag='--no-dvc')=True, # run the stages one after another instead of `dvc repro`
+                feedback:str=None, # a `clip-har feedback export` folder to add to data.source (images the data holds are not added twice)
                 params:str='params.yaml', overrides:list=()):
     "`clip-har retrain`: pull data (dvc), run the pipeline, promote the new model only if it beats the champion (retrain.*)"
-    from clip_har.pipeline import retrain
+    from clip_har.data import FEEDBACK_EXPORT_FILE
+    from clip_har.pipeline import add_data_source, demo_sources, retrain
+    if feedback:
+        if not (Path(feedback)/FEEDBACK_EXPORT_FILE).is_file():
+            raise FileNotFoundError(f'{feedback}: not a feedback export (no {FEEDBACK_EXPORT_FILE}); write one with `clip-har feedback export --out DIR`')
+        fb = str(Path(feedback).resolve())
+        if demo: overrides = [*overrides, f"data.source={json.dumps(demo_sources(_override_dict(overrides).get('data.source')) + [fb])}"]
+        else: add_data_source(params, fb)
     print(json.dumps(retrain(_pipeline_folder(demo, params, overrides), use_dvc)))
     return 0
 

@@ -57,7 +57,7 @@ class PathsConfig(_Section):
 
 class DataConfig(_Section):
     "The data source, its split and the DataLoaders built from it."
-    source: str = 'hf:Bingsu/Human_Action_Recognition'  # `hf:<repo>`, image folder, CSV, parquet or `save_to_disk` folder
+    source: str|list[str] = 'hf:Bingsu/Human_Action_Recognition'  # `hf:<repo>`, image folder, CSV, parquet or `save_to_disk` folder; a list: later ones add only new images (e.g. a feedback export)
     labels: tuple[str, ...] = HAR_LABELS  # class names, in class index order
     valid_pct: float = Field(0.15, ge=0, lt=1)  # fraction of each class held out for validation
     test_pct: float = Field(0.15, ge=0, lt=1)  # fraction of each class held out for the final test

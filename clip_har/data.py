@@ -17,14 +17,15 @@ from fasttransform import Transform
 from .core import *
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'SPLIT_NAMES', 'PATH_COLUMNS', 'LABEL_COLUMNS', 'MANIFEST_COLUMNS', 'CLIP_PREPROCESS', 'DataSourceError',
-           'read_image_folder', 'read_csv', 'materialize_images', 'items_from_table', 'read_parquet',
-           'read_saved_dataset', 'read_hub', 'is_hub_clone', 'read_hub_clone', 'read_items', 'content_labels',
-           'inspect_image', 'inspect_items', 'validation_report', 'plot_class_balance', 'report_markdown',
-           'write_report', 'validate', 'split_items', 'write_manifest', 'read_manifest', 'prepare',
-           'clip_preprocess_cfg', 'clip_transform', 'ClipEvalTransform', 'clip_resize', 'clip_normalize',
-           'train_augmentations', 'har_dataloaders', 'eval_transforms', 'eval_dataloader', 'ImageDecodeError',
-           'ImageTooLargeError', 'decode_image', 'image_batch', 'dataloaders_from_config', 'benchmark_loaders']
+__all__ = ['IMAGE_EXTS', 'SPLIT_NAMES', 'PATH_COLUMNS', 'LABEL_COLUMNS', 'MANIFEST_COLUMNS', 'FEEDBACK_EXPORT_FILE',
+           'CLIP_PREPROCESS', 'DataSourceError', 'read_image_folder', 'read_csv', 'materialize_images',
+           'items_from_table', 'read_parquet', 'read_saved_dataset', 'read_hub', 'is_hub_clone', 'read_hub_clone',
+           'read_items', 'content_labels', 'inspect_image', 'inspect_items', 'validation_report', 'plot_class_balance',
+           'report_markdown', 'write_report', 'validate', 'split_items', 'write_manifest', 'read_manifest',
+           'data_sources', 'new_content_only', 'prepare', 'clip_preprocess_cfg', 'clip_transform', 'ClipEvalTransform',
+           'clip_resize', 'clip_normalize', 'train_augmentations', 'har_dataloaders', 'eval_transforms',
+           'eval_dataloader', 'ImageDecodeError', 'ImageTooLargeError', 'decode_image', 'image_batch',
+           'dataloaders_from_config', 'benchmark_loaders']
 
 # %% ../nbs/01_data.ipynb #8e50d8bf
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -391,28 +392,47 @@ def read_manifest(path:str|Path, # a manifest written by `prepare`
     df['path'] = [str((path.parent/p).resolve()) for p in df.path]
     return df
 
+# %% ../nbs/01_data.ipynb #d2689ac6
+FEEDBACK_EXPORT_FILE = 'feedback_export.json'  # marks a folder written by `clip-har feedback export`: the lineage names it
+
+def data_sources(source:str|Sequence[str]) -> list[str]:
+    "`data.source` as a list of sources."
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    if not sources: raise DataSourceError('data.source is an empty list: give at least one source')
+    return [str(s) for s in sources]
+
+def new_content_only(info:pd.DataFrame, # from `inspect_items`, with the `source` (its index in the list) of each row
+                    ) -> pd.DataFrame:
+    "Drop the rows of later sources whose content an earlier source already holds (duplicates within a source stay)."
+    first = info.groupby('sha256', dropna=False).source.transform('min')
+    return info[info.sha256.isna() | (info.source == first)].reset_index(drop=True)
+
 # %% ../nbs/01_data.ipynb #3a49182e
 def prepare(cfg:Config, # the config: `data` and `paths` sections are used
             out_dir:str|Path|None=None, # defaults to `<paths.data_dir>/prepared`
             progress:bool=True, # show a progress bar
            ) -> Path:
-    "Validate `cfg.data.source` and write its seeded split as `manifest.csv` (with `validation/` report); return its path."
+    "Validate `cfg.data.source` (one source or several) and write its seeded split as `manifest.csv` (with `validation/` report); return its path."
     out = Path(out_dir or Path(cfg.paths.data_dir)/'prepared')
-    items = read_items(cfg.data.source, cfg.paths.cache_dir)
+    sources = data_sources(cfg.data.source); name = ' + '.join(sources)
+    items = pd.concat([read_items(s, cfg.paths.cache_dir).assign(source=i) for i, s in enumerate(sources)], ignore_index=True)
     labels = list(cfg.data.labels)
     unknown = sorted(set(items.label) - set(labels))
-    if unknown: raise DataSourceError(f'{cfg.data.source}: labels {unknown} are not in data.labels {labels}; set data.labels to the full label set')
+    if unknown: raise DataSourceError(f'{name}: labels {unknown} are not in data.labels {labels}; set data.labels to the full label set')
     info = inspect_items(items, progress=progress)
-    rep = validation_report(info, labels, cfg.data.min_image_size, source=cfg.data.source)
+    n_read, info = len(info), new_content_only(info)  # later sources add new images only
+    known = n_read - len(info)
+    rep = validation_report(info, labels, cfg.data.min_image_size, source=name)
     write_report(rep, out/'validation')
     conflicted = {d['sha256'] for d in rep['label_conflicts']}
     keep = info[info.ok & ~info.sha256.isin(conflicted)].reset_index(drop=True)
-    if keep.empty: raise DataSourceError(f'{cfg.data.source}: no readable images to split')
+    if keep.empty: raise DataSourceError(f'{name}: no readable images to split')
     keep['split'] = split_items(keep, cfg.data.valid_pct, cfg.data.test_pct, cfg.seed)
     keep = keep.sort_values(['split', 'label', 'sha256', 'path']).reset_index(drop=True)
     path = write_manifest(keep, out/'manifest.csv')
     counts = keep.split.value_counts().to_dict()
-    get_logger('data').info(f'{path}: ' + ', '.join(f'{k} {counts.get(k, 0)}' for k in ('train', 'valid', 'test')))
+    get_logger('data').info(f'{path}: ' + ', '.join(f'{k} {counts.get(k, 0)}' for k in ('train', 'valid', 'test'))
+                            + (f'; {known} images of later sources skipped, their content already present' if known else ''))
     return path
 
 # %% ../nbs/01_data.ipynb #0786d0c7

@@ -12,7 +12,7 @@ import pandas as pd, torch
 from fastai.callback.core import Callback
 
 from .core import *
-from .data import ImageDecodeError, image_batch
+from .data import FEEDBACK_EXPORT_FILE, ImageDecodeError, data_sources, image_batch
 from .model import ClipClassifier, ModelLoadError, backbone_from_meta, clip_classifier, load_clip, load_classifier, load_state_dict_checked, read_classifier_meta, save_clip_folder
 
 try: from mlflow.pyfunc import PythonModel  # the `track` extra
@@ -20,9 +20,9 @@ except ImportError: PythonModel = object
 
 # %% auto #0
 __all__ = ['HAR_CAVEATS', 'HUB_FORMAT', 'flat_params', 'use_experiment', 'MLflowBackend', 'WandbBackend', 'Tracker', 'git_state',
-           'lineage', 'TrackerCallback', 'pyfunc_images', 'HarPyfuncModel', 'log_classifier', 'promote',
-           'model_versions', 'compare_runs', 'model_card', 'save_hub_folder', 'load_hub_classifier', 'HubError',
-           'push_to_hub']
+           'lineage', 'feedback_exports', 'TrackerCallback', 'pyfunc_images', 'HarPyfuncModel', 'log_classifier',
+           'promote', 'model_versions', 'compare_runs', 'model_card', 'save_hub_folder', 'load_hub_classifier',
+           'HubError', 'push_to_hub']
 
 # %% ../nbs/04_tracking.ipynb #f8414425
 def flat_params(d:Mapping, prefix:str='') -> dict:
@@ -175,8 +175,13 @@ def lineage(cfg:Config, # the run's parameters
     manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
     return dict(**git_state(), manifest=str(manifest), manifest_sha256=file_sha256(manifest) if manifest.is_file() else None,
                 params_sha256=hashlib.sha256(json.dumps(config_dict(cfg), sort_keys=True).encode()).hexdigest(),
-                clip_har_version=__version__, data_source=_prepared_source(manifest) or str(cfg.data.source), model=cfg.model.name,
-                smoke_run=cfg.model.pretrained is None or cfg.model.name == TINY_MODEL)
+                clip_har_version=__version__, data_source=_prepared_source(manifest) or ' + '.join(data_sources(cfg.data.source)), model=cfg.model.name,
+                smoke_run=cfg.model.pretrained is None or cfg.model.name == TINY_MODEL, **feedback_exports(cfg))
+
+def feedback_exports(cfg:Config) -> dict:
+    "`{'feedback_exports': ...}`: the feedback exports among the data sources (none: empty)."
+    found = [s for s in data_sources(cfg.data.source) if (Path(s)/FEEDBACK_EXPORT_FILE).is_file()]
+    return {'feedback_exports': ' + '.join(found)} if found else {}
 
 # %% ../nbs/04_tracking.ipynb #16e581c7
 class TrackerCallback(Callback):

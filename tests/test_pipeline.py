@@ -1,10 +1,10 @@
 """The pipeline as users run it: `clip-har pipeline --demo` in a fresh copy of the checkout (papermill runs each stage's
-notebook, DVC chains them), what it leaves, what `dvc repro` does next, the retrain gate both ways, the errors users
-can cause, and the CI/CD and container files."""
-import json, time
+notebook, DVC chains them), what it leaves, what `dvc repro` does next, the retrain gate both ways, retraining on a
+feedback export, the errors users can cause, and the CI/CD and container files."""
+import json, shutil, time
 from pathlib import Path
 
-import pytest, yaml
+import httpx, pytest, yaml
 
 from conftest import BIN, ROOT, clip_har, copy_checkout, run
 from clip_har.core import TINY_MODEL, fixtures_dir
@@ -184,3 +184,35 @@ def test_ci_cd_workflows_and_containers():
     build = yaml.safe_load((ROOT/'.github/workflows/containers.yaml').read_text())['jobs']['build']
     assert build['strategy']['matrix']['image'] == ['train', 'serve', 'dashboard']
     assert any(step.get('with', {}).get('file') == 'docker/${{ matrix.image }}.Dockerfile' for step in build['steps'])
+
+def test_feedback_export_feeds_retrain_without_duplicates(demo, tmp_path):
+    "Corrections recorded by a real `clip-har serve` (images kept) are exported and retrained on: new images join the data once, images the data holds are not added again, and the new model's lineage names the export."
+    import io, mlflow, pandas as pd
+    from PIL import Image
+    from conftest import start, stop
+    shutil.copytree(demo/'outputs'/'export'/'onnx-fp32', tmp_path/'model')
+    photos = sorted(fixtures_dir().rglob('*.jpg'))
+    mirrored = []
+    for p in photos[:2]:  # new content: the data has these photos, not their mirror images
+        b = io.BytesIO(); Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(b, 'JPEG'); mirrored.append(b.getvalue())
+    said = [(mirrored[0], 'running'), (mirrored[1], 'eating'), (photos[2].read_bytes(), photos[2].parent.name),
+            (photos[3].read_bytes(), photos[3].parent.name), (photos[4].read_bytes(), 'sleeping')]  # the last three: known images
+    proc, url, _ = start(tmp_path/'model', f'serve.record_url=sqlite:///{tmp_path}/records.db', 'serve.record_images=true')
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for data, label in said:
+                pid = c.post('/predict/image', files={'file': ('photo.jpg', data, 'image/jpeg')}).json()['prediction_id']
+                assert c.post('/feedback', json={'prediction_id': pid, 'label': label}).status_code == 200
+    finally: assert stop(proc)
+    r = clip_har('feedback', 'export', '--out', tmp_path/'feedback', '--url', f'sqlite:///{tmp_path}/records.db')
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])['exported'] == 5, r.stdout + r.stderr
+    assert len(pd.read_csv(tmp_path/'feedback'/'provenance.csv')) == 5
+    r = clip_har('retrain', '--demo', '-q', *DEMO_SETS, '--feedback', tmp_path/'feedback', cwd=demo.parent, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    df = pd.read_csv(demo/'data'/'prepared'/'manifest.csv')
+    added = df[df.path.str.contains('feedback/')]
+    assert len(df) == 47 and not df.sha256.duplicated().any(), (len(df), df[df.sha256.duplicated(keep=False)])
+    assert sorted(added.label) == ['eating', 'running'], added
+    run_id = json.loads((demo/'outputs'/'train'/'train_metrics.json').read_text())['mlflow_run_id']
+    tags = mlflow.MlflowClient(f"sqlite:///{demo/'outputs'/'mlflow.db'}").get_run(run_id).data.tags
+    assert tags['feedback_exports'] == str((tmp_path/'feedback').resolve()) and str((tmp_path/'feedback').resolve()) in tags['data_source'], tags
