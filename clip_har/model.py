@@ -605,7 +605,10 @@ class FusedQuickGELU(nn.Module):
     "open_clip's QuickGELU, x * sigmoid(1.702 x), as one compiled kernel forward and one backward."
     def forward(self, x):
         if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _FUSED.get('fn', 0) is None: return _quick_gelu(x)
-        if 'fn' not in _FUSED: _FUSED['fn'] = torch.compile(_quick_gelu, dynamic=True)
+        if 'fn' not in _FUSED:
+            import torch._inductor.config as inductor
+            inductor.compile_threads = 1  # one small kernel: no pool of compiler processes competing with training for the cores
+            _FUSED['fn'] = torch.compile(_quick_gelu, dynamic=True)
         try: return _FUSED['fn'](x)
         except Exception as e:  # no compiler here: the eager function, the same numbers
             _FUSED['fn'] = None

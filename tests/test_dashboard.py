@@ -82,7 +82,7 @@ def test_the_dashboard_in_chromium(browser, model, tmp_path):
             with page.expect_file_chooser() as chooser: page.locator('.widget-upload').first.click()
             chooser.value.set_files(str(path))
         upload(photo())
-        page.wait_for_selector('.clip-har-result', timeout=60_000)
+        page.wait_for_selector('.clip-har-result', timeout=180_000)  # generous: CI runs on a busy machine
         result = page.locator('.clip-har-result').first
         assert result.get_attribute('data-label') in HAR_LABELS
         imgs = result.locator('img')
@@ -96,11 +96,11 @@ def test_the_dashboard_in_chromium(browser, model, tmp_path):
         # a non-image upload: a message in the page, and the app goes on working
         notes = tmp_path/'notes.txt'; notes.write_text('not a photo')
         upload(notes)
-        page.wait_for_selector('.clip-har-error', timeout=60_000)
+        page.wait_for_selector('.clip-har-error', timeout=180_000)  # generous: CI runs on a busy machine
         assert 'notes.txt: not a readable image' in page.inner_text('.clip-har-error')
         assert 'could not be read' in page.inner_text('.clip-har-message')
         upload(photo())
-        page.wait_for_selector('.clip-har-result', timeout=60_000)
+        page.wait_for_selector('.clip-har-result', timeout=180_000)  # generous: CI runs on a busy machine
         assert page.locator('.clip-har-error').count() == 0
         import psutil, zipfile
         tree = psutil.Process(proc.pid).children(recursive=True)  # voila and the page's kernel
@@ -118,7 +118,7 @@ def test_the_dashboard_in_chromium(browser, model, tmp_path):
             with page.expect_file_chooser() as chooser: page.locator('.widget-upload').nth(1).click()
             chooser.value.set_files(str(zip_file))
             page.get_by_role('button', name='Predict all').click()
-            page.wait_for_function(f"document.querySelector('.clip-har-message')?.innerText.includes({message!r})", timeout=60_000)
+            page.wait_for_function(f"document.querySelector('.clip-har-message')?.innerText.includes({message!r})", timeout=180_000)  # generous: CI runs on a busy machine
             grew = kernel.memory_info().rss - rss
             assert grew < 100 * 2**20, f'the kernel grew by {grew / 2**20:.0f} MB with {zip_file.name}'
         page.close()
@@ -137,7 +137,7 @@ def test_the_webcam_page_gets_predictions_from_the_fake_camera(browser, model, t
         wait_http(url + '/ready', proc, log)
         page = browser.new_page(viewport={'width': 900, 'height': 520})
         page.goto(url + '/app')
-        page.wait_for_function('Number(document.body.dataset.frames || 0) >= 3', timeout=60_000)
+        page.wait_for_function('Number(document.body.dataset.frames || 0) >= 3', timeout=180_000)  # generous: CI runs on a busy machine
         labels = page.locator('#top li').evaluate_all('els => els.map(e => e.dataset.label)')
         assert len(labels) == 5 and set(labels) <= set(HAR_LABELS), labels
         assert 'frames' in page.inner_text('#status')
