@@ -300,12 +300,9 @@ def run_monitor(cfg:Config,
                 params:str='params.yaml', overrides:list=()):
     "`clip-har monitor`: predictions, feedback accuracy, latency and drift from the prediction records, for a time range"
     from clip_har.metrics import REFERENCE_FILE, read_reference
-    from clip_har.monitor import PredictionStore, monitor_report, parse_when, report_text, store_url
-    url = url or store_url(cfg)
-    if url.startswith('sqlite:///') and not Path(url.removeprefix('sqlite:///')).is_file():
-        raise FileNotFoundError(f"{url.removeprefix('sqlite:///')}: no prediction records yet; `clip-har serve` writes them (serve.record)")
+    from clip_har.monitor import monitor_report, open_store, parse_when, report_text
     ref = read_reference(reference or Path(cfg.paths.out_dir)/'evaluate'/REFERENCE_FILE)
-    rep = monitor_report(PredictionStore(url), ref, parse_when(since), parse_when(until))
+    rep = monitor_report(open_store(cfg, url), ref, parse_when(since), parse_when(until))
     print(json.dumps(rep, default=str) if as_json else report_text(rep))
     return 0
 
@@ -319,12 +316,9 @@ def run_feedback(cfg:Config,
                  url:str=None, # the store's SQLAlchemy URL (default: serve.record_url, else the SQLite file under paths.out_dir/monitor)
                  params:str='params.yaml', overrides:list=()):
     "`clip-har feedback export --out DIR`: the images users corrected, filed under the right label, with provenance.csv"
-    from clip_har.monitor import PredictionStore, export_feedback, parse_when, store_url
+    from clip_har.monitor import export_feedback, open_store, parse_when
     if action != 'export' or not out: raise ConfigError('usage: clip-har feedback export --out DIR [--since ...] [--until ...] [--url ...]')
-    url = url or store_url(cfg)
-    if url.startswith('sqlite:///') and not Path(url.removeprefix('sqlite:///')).is_file():
-        raise FileNotFoundError(f"{url.removeprefix('sqlite:///')}: no prediction records yet; `clip-har serve` writes them (serve.record)")
-    print(json.dumps(export_feedback(PredictionStore(url), out, parse_when(since), parse_when(until))))
+    print(json.dumps(export_feedback(open_store(cfg, url), out, parse_when(since), parse_when(until))))
     return 0
 
 # %% ../nbs/12_cli.ipynb #d4ab3621

@@ -17,7 +17,7 @@ from .metrics import prediction_profile, psi
 
 # %% auto #0
 __all__ = ['FeedbackError', 'PredictionStore', 'prediction_record', 'Recorder', 'LiveMonitor', 'monitor_report', 'report_text',
-           'parse_when', 'store_url', 'export_feedback']
+           'parse_when', 'store_url', 'open_store', 'export_feedback']
 
 # %% ../nbs/08b_monitor.ipynb #cc7ce1b8
 class FeedbackError(Exception):
@@ -284,6 +284,13 @@ def parse_when(text:str|None, # '2026-12-01T08:00' (UTC unless it says), '90m', 
 def store_url(cfg:Config) -> str:
     "`serve.record_url`, or the default SQLite file under `paths.out_dir/monitor`."
     return cfg.serve.record_url or f"sqlite:///{(Path(cfg.paths.out_dir)/'monitor'/'predictions.db').resolve()}"
+
+def open_store(cfg:Config, url:str|None=None) -> PredictionStore:
+    "The store at `url` (default: `store_url`), for reading: a SQLite file that does not exist yet is an error, not a new empty store."
+    url = url or store_url(cfg)
+    if url.startswith('sqlite:///') and not Path(url.removeprefix('sqlite:///')).is_file():
+        raise FileNotFoundError(f"{url.removeprefix('sqlite:///')}: no prediction records yet; `clip-har serve` writes them (serve.record)")
+    return PredictionStore(url)
 
 # %% ../nbs/08b_monitor.ipynb #81fcf664
 def _image_ext(data:bytes) -> str:
