@@ -297,12 +297,17 @@ def run_monitor(cfg:Config,
                 url:str=None, # the store's SQLAlchemy URL (default: serve.record_url, else the SQLite file under paths.out_dir/monitor)
                 reference:str=None, # a reference.json to score drift against (default: paths.out_dir/evaluate/reference.json)
                 as_json:Arg(flag='--json')=False, # print JSON instead of Markdown
+                plot:str=None, # also write the monitoring plots (class shares, confidence, traffic, drift over time) to this PNG
                 params:str='params.yaml', overrides:list=()):
     "`clip-har monitor`: predictions, feedback accuracy, latency and drift from the prediction records, for a time range"
     from clip_har.metrics import REFERENCE_FILE, read_reference
-    from clip_har.monitor import monitor_report, open_store, parse_when, report_text
+    from clip_har.monitor import monitor_figure, monitor_report, open_store, parse_when, report_text
     ref = read_reference(reference or Path(cfg.paths.out_dir)/'evaluate'/REFERENCE_FILE)
-    rep = monitor_report(open_store(cfg, url), ref, parse_when(since), parse_when(until))
+    store, since, until = open_store(cfg, url), parse_when(since), parse_when(until)
+    rep = monitor_report(store, ref, since, until)
+    if plot and rep['predictions']:
+        Path(plot).parent.mkdir(parents=True, exist_ok=True); Path(plot).write_bytes(monitor_figure(store.records(since, until), ref))
+        get_logger().info(f'plots: {plot}')
     print(json.dumps(rep, default=str) if as_json else report_text(rep))
     return 0
 
@@ -329,12 +334,14 @@ def run_dashboard(cfg:Config,
                   host:str='127.0.0.1', # bind address (default: 127.0.0.1)
                   port:int=8866, # default: 8866
                  ):
-    "`clip-har dashboard`: the Voila dashboard: uploads, charts, model choice, labels, batches, evaluation, webcam"
+    "`clip-har dashboard`: the Voila dashboard: uploads, charts, feedback, model choice, labels, batches, evaluation, monitoring, webcam"
     from clip_har.dashboard import run_dashboard as run
     if model and not model.startswith('models:/') and not Path(model).exists():
         raise FileNotFoundError(f'{model}: no such model file or export folder')
+    from clip_har.monitor import store_url
     mlflow = cfg.track.mlflow_uri if 'mlflow' in cfg.track.backends else None
-    return run(cfg.paths.out_dir, model, api or os.environ.get('CLIP_HAR_API_URL'), mlflow, host, port, cfg.dashboard)
+    return run(cfg.paths.out_dir, model, api or os.environ.get('CLIP_HAR_API_URL'), mlflow, host, port, cfg.dashboard,
+               store_url(cfg) if cfg.serve.record else None, cfg.serve.record_images)
 
 # %% ../nbs/12_cli.ipynb #b306a024
 def _override_dict(overrides:Sequence[str]) -> dict:

@@ -13,10 +13,11 @@ import numpy as np
 from fastcore.basics import patch_to
 
 from .core import *
-from .metrics import prediction_profile, psi
+from .metrics import CONFIDENCE_BINS, prediction_profile, psi, read_reference
 
 # %% auto #0
-__all__ = ['FeedbackError', 'PredictionStore', 'prediction_record', 'Recorder', 'LiveMonitor', 'monitor_report', 'report_text',
+__all__ = ['PSI_MODERATE', 'PSI_LARGE', 'FeedbackError', 'PredictionStore', 'prediction_record', 'Recorder', 'LiveMonitor',
+           'psi_verdict', 'drift_scores', 'model_reference', 'monitor_report', 'report_text', 'monitor_figure',
            'parse_when', 'store_url', 'open_store', 'export_feedback']
 
 # %% ../nbs/08b_monitor.ipynb #cc7ce1b8
@@ -230,6 +231,31 @@ def scores(self, labels:Sequence[str]|None=None, # the label set served now (def
     if labels is None or list(labels) == list(ref['labels']): out['class_psi'] = psi(ref['class_share'], prof['class_share'])
     return out
 
+# %% ../nbs/08b_monitor.ipynb #1430cf75
+PSI_MODERATE, PSI_LARGE = 0.1, 0.25  # the usual PSI reading; docker/prometheus/alerts.yml fires above PSI_LARGE
+
+def psi_verdict(v:float|None) -> str:
+    "A PSI in words: 'stable', 'moderate shift', 'large shift', or 'not scored' (None/NaN)."
+    if v is None or v != v: return 'not scored'
+    return 'stable' if v < PSI_MODERATE else 'moderate shift' if v <= PSI_LARGE else 'large shift'
+
+def drift_scores(reference:dict, # from `monitor_reference`
+                 predicted:Sequence[str], confidence:Sequence[float], # the answers' top labels and their probabilities
+                 min_answers:int=1, # fewer answers: NaN
+                ) -> dict:
+    "PSI of these answers' class shares and confidence histogram against `reference`."
+    live = LiveMonitor(reference, window=max(len(predicted), min_answers, 1), min_answers=min_answers)
+    for p, c in zip(predicted, confidence): live.add(p, float(c))
+    s = live.scores(reference['labels'])
+    return dict(class_psi=s['class_psi'], confidence_psi=s['confidence_psi'])
+
+def model_reference(manifest:dict, # the served model's manifest (an export carries its reference)
+                    version:str, # the model file's sha256 or its start (`Predictor.version`)
+                    path:str|Path|None=None, # evaluate's reference.json
+                   ) -> dict|None:
+    "The reference a model's traffic is scored against: its export's own, else `path`'s if it scored this model; None."
+    return manifest.get('reference') or read_reference(path, version)
+
 # %% ../nbs/08b_monitor.ipynb #81cdfb34
 def monitor_report(store:PredictionStore, # where the service records
                    reference:dict|None=None, # from `monitor_reference`; None: no drift scores
@@ -244,11 +270,7 @@ def monitor_report(store:PredictionStore, # where the service records
                models=df.model_version.value_counts().to_dict() if len(df) else {}, predicted=df.predicted.value_counts().to_dict() if len(df) else {},
                corrections=fb[~fb.correct.astype(bool)].groupby(['predicted', 'truth']).size().sort_values(ascending=False).head(10).to_dict() if len(fb) else {},
                class_psi=None, confidence_psi=None)
-    if reference and len(df):
-        live = LiveMonitor(reference, window=len(df), min_answers=1)
-        for p, c in zip(df.predicted, df.confidence): live.add(p, c)
-        s = live.scores(reference['labels'])
-        rep.update(class_psi=s['class_psi'], confidence_psi=s['confidence_psi'])
+    if reference and len(df): rep.update(drift_scores(reference, df.predicted, df.confidence))
     return rep
 
 # %% ../nbs/08b_monitor.ipynb #75975068
@@ -261,11 +283,59 @@ def report_text(rep:dict) -> str:
     lines = [f"# Monitoring: {_when(rep['since'])} to {_when(rep['until'])}", '',
              f"- predictions: {rep['predictions']:,}; feedback: {rep['feedback']:,}; feedback accuracy: {f(rep['feedback_accuracy'])}",
              f"- latency p50 / p99: {f(rep['latency_ms_p50'], '{:.1f}')} / {f(rep['latency_ms_p99'], '{:.1f}')} ms",
-             f"- drift (PSI against the evaluation split; above 0.25 is a large shift): classes {f(rep['class_psi'])}, confidence {f(rep['confidence_psi'])}",
+             f"- drift (PSI against the evaluation split; above {PSI_LARGE} is a large shift): classes {f(rep['class_psi'])} ({psi_verdict(rep['class_psi'])}), "
+             f"confidence {f(rep['confidence_psi'])} ({psi_verdict(rep['confidence_psi'])})",
              f"- model versions: {', '.join(f'{k} ({v:,})' for k, v in rep['models'].items()) or '-'}", '', '| predicted | answers |', '|---|---:|']
     lines += [f'| {k} | {v:,} |' for k, v in rep['predicted'].items()]
     if rep['corrections']: lines += ['', '| predicted | users said | times |', '|---|---|---:|'] + [f'| {p} | {t} | {n} |' for (p, t), n in rep['corrections'].items()]
     return '\n'.join(lines) + '\n'
+
+# %% ../nbs/08b_monitor.ipynb #b915d15c
+def monitor_figure(df:'pd.DataFrame', # `PredictionStore.records` of a time range (at least one record)
+                   reference:dict|None=None, # from `monitor_reference`: its shares drawn beside the live ones
+                   buckets:int|None=None, # stretches of time in the lower plots (default: about 100 answers each, 1 to 24)
+                   min_answers:int=50, # a stretch with fewer answers gets no drift point (PSI of a few answers is noise)
+                  ) -> bytes:
+    "Class shares and confidence against the reference, and answers, feedback accuracy and drift over time, as PNG bytes."
+    import io, pandas as pd, matplotlib.pyplot as plt
+    if not len(df): raise ValueError('no prediction records in this range: nothing to plot')
+    n, ref = len(df), reference or {}
+    buckets = buckets or int(np.clip(n // 100, 1, 24))
+    labels = list(ref.get('labels', [])); labels += sorted(set(df.predicted) - set(labels))
+    live_share = df.predicted.value_counts().reindex(labels, fill_value=0).to_numpy() / n
+    ref_share = np.array(list(ref.get('class_share', [])) + [0.0] * (len(labels) - len(ref.get('class_share', [])))) if ref else None
+    fig, axs = plt.subplots(2, 2, figsize=(12, max(6.5, 0.22 * len(labels) + 4)), gridspec_kw=dict(height_ratios=[max(1.4, 0.09 * len(labels)), 1]))
+    y = np.arange(len(labels))
+    axs[0, 0].barh(y + 0.2, live_share, 0.4, color='#2b7bb9', label=f'live ({n:,} answers)')
+    if ref_share is not None: axs[0, 0].barh(y - 0.2, ref_share, 0.4, color='#bbb', label=f"reference ({ref.get('split', 'evaluation')} split)")
+    axs[0, 0].set_yticks(y, labels, fontsize=8); axs[0, 0].invert_yaxis(); axs[0, 0].set_xlabel('share of answers'); axs[0, 0].set_title('Predicted classes'); axs[0, 0].legend(fontsize=8)
+    edges = np.asarray(CONFIDENCE_BINS); mid, w = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    live_conf = np.histogram(np.clip(df.confidence.astype(float), 0, 1), edges)[0] / n
+    axs[0, 1].bar(mid + w * 0.2, live_conf, w * 0.4, color='#2b7bb9', label='live')
+    if ref: axs[0, 1].bar(mid - w * 0.2, ref['confidence_share'], w * 0.4, color='#bbb', label='reference')
+    axs[0, 1].set_xlabel('top-1 probability'); axs[0, 1].set_ylabel('share of answers'); axs[0, 1].set_title('Confidence'); axs[0, 1].legend(fontsize=8)
+    t0, t1 = float(df.ts.min()), float(df.ts.max()) + 1e-6
+    cut = pd.cut(df.ts.astype(float), np.linspace(t0, t1, buckets + 1), include_lowest=True, labels=False)
+    when = pd.to_datetime(t0 + (np.arange(buckets) + 0.5) * (t1 - t0) / buckets, unit='s')
+    rows = []
+    for b in range(buckets):
+        part = df[cut == b]; fb = part[part.truth.notna()]
+        s = drift_scores(reference, part.predicted, part.confidence, min_answers) if reference else dict(class_psi=np.nan, confidence_psi=np.nan)
+        rows.append(dict(answers=len(part), accuracy=fb.correct.astype(bool).mean() if len(fb) else np.nan, **s))
+    per = pd.DataFrame(rows, index=when)
+    width = (t1 - t0) / buckets / 86400 * 0.8  # days, as matplotlib dates count
+    axs[1, 0].bar(per.index, per.answers, width, color='#9cc3e0', label='answers'); axs[1, 0].set_ylabel('answers'); axs[1, 0].set_title('Traffic and feedback')
+    acc = axs[1, 0].twinx(); acc.plot(per.index, per.accuracy, 'o-', color='#c60', label='feedback accuracy'); acc.set_ylim(0, 1.05); acc.set_ylabel('feedback accuracy')
+    axs[1, 0].legend(handles=axs[1, 0].get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0], fontsize=8, loc='upper left')
+    axs[1, 1].plot(per.index, per.class_psi, 'o-', color='#2b7bb9', label='classes'); axs[1, 1].plot(per.index, per.confidence_psi, 's--', color='#6a3', label='confidence')
+    for v, c in ((PSI_MODERATE, '#b80'), (PSI_LARGE, '#c22')): axs[1, 1].axhline(v, color=c, lw=0.8, ls=':')
+    axs[1, 1].set_ylabel('PSI'); axs[1, 1].set_title('Drift against the reference' if reference else 'Drift: no reference for this model'); axs[1, 1].legend(fontsize=8)
+    for ax in axs[1]: ax.tick_params(axis='x', labelsize=8, rotation=20); ax.set_xlabel('time (UTC)')
+    for ax in axs.flat:
+        for side in ('top',): ax.spines[side].set_visible(False)
+    fig.tight_layout(w_pad=3)
+    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=80); plt.close(fig)
+    return buf.getvalue()
 
 # %% ../nbs/08b_monitor.ipynb #050522bc
 def parse_when(text:str|None, # '2026-12-01T08:00' (UTC unless it says), '90m', '24h', '7d'; None or 'all': open-ended

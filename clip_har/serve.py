@@ -20,8 +20,7 @@ from . import __version__
 from .data import ImageDecodeError, ImageTooLargeError, decode_image, image_batch
 from .export import ExportError, export_model
 from .inference import VIDEO_EXTS, Predictor, random_classifier, video_frames
-from .metrics import read_reference
-from .monitor import FeedbackError, LiveMonitor, PredictionStore, Recorder, prediction_record
+from .monitor import FeedbackError, LiveMonitor, PredictionStore, Recorder, model_reference, prediction_record
 try:
     from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
@@ -400,7 +399,7 @@ class _State:
             self.error = f'{type(e).__name__}: {e}'
             get_logger().error(f'the model did not load: {self.error}')
     def _watch(self, p):
-        self.monitor.reference = p.manifest.get('reference') or read_reference(self.settings.reference, p.version)
+        self.monitor.reference = model_reference(p.manifest, p.version, self.settings.reference)
         if self.monitor.reference is None: get_logger().warning('no reference profile for this model (run `clip-har evaluate`, then export): drift is not scored')
 
 def app_state(request) -> _State:

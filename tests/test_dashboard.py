@@ -127,6 +127,74 @@ def test_the_dashboard_in_chromium(browser, model, tmp_path):
     gone, alive = psutil.wait_procs(tree, timeout=15)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive  # no kernel outlives the dashboard
 
+def recorded_traffic(model:Path, store_url:str, out:Path) -> dict:
+    "A store holding 6 hours of answers: 4 like the evaluation split, then 2 of one class only; and evaluate's reference."
+    import hashlib, json, uuid
+    import numpy as np
+    from clip_har.metrics import REFERENCE_FILE, monitor_reference
+    from clip_har.monitor import PredictionStore, prediction_record
+    rng, labels = np.random.default_rng(0), list(HAR_LABELS)
+    probs = rng.dirichlet(np.ones(len(labels)) * 0.3, 600)
+    ref = monitor_reference(probs, labels, 'test', hashlib.sha256(model.read_bytes()).hexdigest())
+    (out/'evaluate').mkdir(parents=True, exist_ok=True); (out/'evaluate'/REFERENCE_FILE).write_text(json.dumps(ref))
+    now, rows = time.time(), []
+    for i in range(600):
+        p = probs[i] if i < 400 else np.eye(len(labels))[labels.index('running')] * 0.97
+        top = [{'class_name': labels[j], 'score': float(p[j])} for j in np.argsort(-p)[:5]]
+        rows.append(prediction_record(uuid.uuid4().hex, top, b'%d' % i, labels, False, TINY_MODEL, 'v', 'torch', '/predict/image', 20.0,
+                                      ts=now - 6 * 3600 + i * 36))
+    PredictionStore(store_url).write(rows)
+    return ref
+
+def test_feedback_and_monitoring_in_chromium(browser, model, tmp_path):
+    "Was this right? under an answer stores the correction; the Monitoring tab plots the records and names the shift."
+    import shutil
+    from PIL import Image
+    from clip_har.monitor import PredictionStore
+    out = tmp_path/'out'; (out/'train').mkdir(parents=True)
+    shutil.copy(model, out/'train'/'model.pt')
+    store = f"sqlite:///{tmp_path/'records.db'}"
+    recorded_traffic(out/'train'/'model.pt', store, out)
+    port, log = free_port(), tmp_path/'voila.log'
+    proc = subprocess.Popen([str(BIN/'clip-har'), 'dashboard', '--port', str(port), '--set', f'paths.out_dir={out}', '--set', 'track.backends=[]',
+                             '--set', f'serve.record_url={store}'], cwd=ROOT, env=env(), stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc, log)
+        page = browser.new_page(viewport={'width': 1280, 'height': 1000})
+        page.goto(f'http://127.0.0.1:{port}/', timeout=180_000)
+        page.wait_for_selector('.clip-har-model', timeout=180_000)
+        with page.expect_file_chooser() as chooser: page.locator('.widget-upload').first.click()
+        chooser.value.set_files(str(photo()))
+        page.wait_for_selector('.clip-har-feedback', timeout=180_000)  # generous: CI runs on a busy machine
+        predicted = page.locator('.clip-har-result').first.get_attribute('data-label')
+        truth = next(l for l in HAR_LABELS if l != predicted)
+        row = page.locator('.clip-har-feedback').first
+        row.locator('select').select_option(label=truth)
+        row.get_by_role('button', name='No, it is').click()
+        page.wait_for_selector('.clip-har-feedback-done', timeout=180_000)
+        assert page.locator('.clip-har-feedback-done').get_attribute('data-correct') == 'false'
+        assert f'recorded as wrong (it is {truth})' in page.inner_text('.clip-har-feedback-done')
+        assert row.get_by_role('button', name='Yes').is_disabled()  # one answer per prediction
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS/'dashboard_feedback.png'))
+        df = PredictionStore(store).records()
+        mine = df[df.route == 'dashboard']
+        assert len(mine) == 1 and mine.iloc[0].truth == truth and mine.iloc[0].predicted == predicted and not mine.iloc[0].correct, mine
+        page.get_by_role('tab', name='Monitoring').click()
+        page.wait_for_selector('img[alt="monitoring plots"]', timeout=180_000)
+        assert page.locator('img[alt="monitoring plots"]').evaluate('i => i.naturalWidth') >= 900  # a real picture
+        psi = page.locator('.clip-har-psi[data-signal="classes"]')
+        assert float(psi.get_attribute('data-psi')) > 0.25 and '(large shift)' in psi.inner_text(), psi.inner_text()
+        assert '601 predictions' in page.inner_text('.clip-har-monitor') and page.inner_text('.clip-har-feedback-accuracy') == '0.000'
+        assert f'<td>{predicted}</td><td>{truth}</td><td>1</td>' in page.inner_html('.clip-har-monitor')  # the correction, listed
+        page.locator('.clip-har-monitor').scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS/'dashboard_monitoring.png'), full_page=True)
+        shot = Image.open(SHOTS/'dashboard_monitoring.png')
+        assert shot.size[0] == 1280 and len(shot.convert('L').getcolors(256)) > 50  # not a blank page
+        page.close()
+    finally:
+        proc.terminate(); proc.wait(30)
+
 def test_the_webcam_page_gets_predictions_from_the_fake_camera(browser, model, tmp_path):
     port = free_port()
     log = tmp_path/'serve.log'

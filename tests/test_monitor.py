@@ -143,8 +143,10 @@ def test_drift_is_low_for_reference_traffic_and_high_for_one_class(model, tmp_pa
     r = clip_har('monitor', '--url', store, '--reference', tmp_path/'reference.json', '--since', 'all', '--json')
     rep = json.loads(r.stdout)
     assert r.returncode == 0 and rep['predictions'] == 270 and rep['class_psi'] > 0.1, r.stdout + r.stderr
-    r = clip_har('monitor', '--url', store, '--since', 'all')
+    r = clip_har('monitor', '--url', store, '--since', 'all', '--plot', tmp_path/'monitor.png')
     assert r.returncode == 0 and 'predictions: 270' in r.stdout, r.stdout
+    from PIL import Image
+    assert Image.open(tmp_path/'monitor.png').size[0] >= 900  # the four plots
 
 PROM = ROOT/'docker'/'prometheus'
 DRIFT_DESCRIPTION = __import__('yaml').safe_load((PROM/'alerts.yml').read_text())['groups'][0]['rules'][0]['annotations']['description']
