@@ -224,6 +224,7 @@ class DashboardConfig(_Section):
     zip_max_member_mb: float = Field(50.0, gt=0)  # uncompressed size of one member
     zip_max_total_mb: float = Field(1000.0, gt=0)  # uncompressed size of all its images
     zip_max_ratio: float = Field(200.0, gt=1)  # uncompressed:compressed size of one member (a zip bomb's is in the thousands)
+    monitor_max_records: int = Field(100_000, ge=1)  # prediction records the Monitoring tab reads (the most recent of the range)
 
 # %% ../nbs/00_core.ipynb #914a1ca3
 class Config(_Section):

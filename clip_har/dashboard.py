@@ -499,8 +499,8 @@ def show_monitoring(self:Dashboard):
                                   '(the default) to record answers and read them here.</p>'); return
     try:
         since, ref = parse_when(self.monitor_range.value), self.monitoring_reference()
-        df = self.store.records(since)
-        rep = monitor_report(self.store, ref, since)
+        df = self.store.records(since, limit=self.limits.monitor_max_records)  # a visitor cannot make the kernel read a whole database
+        rep = monitor_report(self.store, ref, since, records=df)
     except Exception as e:
         self.monitor_out.value = f'<p class="clip-har-monitor-error" style="color:#c22">cannot read {html.escape(self.store.safe_url)}: {html.escape(type(e).__name__)}: {html.escape(str(e))[:300]}</p>'; return
     if not len(df):
@@ -509,7 +509,9 @@ def show_monitoring(self:Dashboard):
     psi_html = lambda name, v: (f'{name} <b class="clip-har-psi" data-signal="{name}" data-psi="{f(v, "{:.4f}")}" style="color:'
                                 f'{"#c22" if psi_verdict(v) == "large shift" else "#b80" if psi_verdict(v) == "moderate shift" else "#2b6"}">'
                                 f'{f(v)} ({psi_verdict(v)})</b>')
-    head = (f'<p>{rep["predictions"]:,} predictions · {rep["feedback"]:,} with feedback · feedback accuracy <b class="clip-har-feedback-accuracy">'
+    capped = len(df) >= self.limits.monitor_max_records
+    head = ((f'<p class="clip-har-monitor-capped">The most recent {len(df):,} predictions of this range (dashboard.monitor_max_records).</p>' if capped else '')
+            + f'<p>{rep["predictions"]:,} predictions · {rep["feedback"]:,} with feedback · feedback accuracy <b class="clip-har-feedback-accuracy">'
             f'{f(rep["feedback_accuracy"])}</b> · latency p50 / p99 {f(rep["latency_ms_p50"], "{:.1f}")} / {f(rep["latency_ms_p99"], "{:.1f}")} ms</p>'
             + (f'<p>Drift against the {html.escape(str(ref.get("split", "evaluation")))} split (PSI; the alert fires above {PSI_LARGE}): '
                + psi_html('classes', rep['class_psi']) + ' · ' + psi_html('confidence', rep['confidence_psi']) + '</p>' if ref else

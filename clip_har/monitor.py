@@ -122,15 +122,18 @@ def add_feedback(self, prediction_id:str, # from the prediction's answer
 def records(self, since:float|None=None, # unix time (inclusive); None: from the start
             until:float|None=None, # unix time (exclusive); None: until now
             images:bool=False, # also the stored image bytes
+            limit:int|None=None, # at most this many, the most recent (None: all)
            ) -> 'pd.DataFrame':
     "The prediction records in a time range, oldest first, with their feedback (`truth`, `correct`, NaN where none)."
     import pandas as pd, sqlalchemy as sa
     p, f = self.predictions_table, self.feedback_table
     cols = [c for c in p.c if images or c.name != 'image'] + [f.c.label.label('truth'), f.c.correct, f.c.ts.label('feedback_ts')]
-    q = sa.select(*cols).select_from(p.outerjoin(f, f.c.prediction_id == p.c.id)).order_by(p.c.ts)
+    q = sa.select(*cols).select_from(p.outerjoin(f, f.c.prediction_id == p.c.id)).order_by(p.c.ts.desc() if limit else p.c.ts)
     if since is not None: q = q.where(p.c.ts >= since)
     if until is not None: q = q.where(p.c.ts < until)
-    with self.engine.connect() as c: return pd.DataFrame(c.execute(q).mappings().all(), columns=[c.name for c in cols])
+    if limit: q = q.limit(limit)
+    with self.engine.connect() as c: df = pd.DataFrame(c.execute(q).mappings().all(), columns=[c.name for c in cols])
+    return df.iloc[::-1].reset_index(drop=True) if limit else df
 
 # %% ../nbs/08b_monitor.ipynb #10a5929c
 class Recorder:
@@ -260,9 +263,10 @@ def model_reference(manifest:dict, # the served model's manifest (an export carr
 def monitor_report(store:PredictionStore, # where the service records
                    reference:dict|None=None, # from `monitor_reference`; None: no drift scores
                    since:float|None=None, until:float|None=None, # unix times; None: open-ended
+                   records:'pd.DataFrame|None'=None, # the range's records if already read (default: read from `store`)
                   ) -> dict:
     "Predictions, feedback, latency, drift and feedback accuracy of the records in a time range."
-    df = store.records(since, until)
+    df = store.records(since, until) if records is None else records
     fb = df[df.truth.notna()] if len(df) else df
     rep = dict(since=since, until=until, predictions=len(df), feedback=len(fb),
                feedback_accuracy=float(fb.correct.astype(bool).mean()) if len(fb) else None,
