@@ -24,8 +24,8 @@ __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'ModelLoadError', '
            'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier', 'clip_classifier', 'clip_splitter',
            'splits_at_blocks', 'tower_below', 'tower_above', 'backbone_meta', 'backbone_from_meta', 'atomic_save',
            'unwrap', 'full_state_dict', 'CheckpointError', 'save_classifier', 'read_classifier_meta', 'load_classifier',
-           'grads_flagged', 'predict_logits', 'FusedQuickGELU', 'fuse_quick_gelu', 'precision_check',
-           'evaluate_zeroshot', 'benchmark_classifier_build']
+           'grads_flagged', 'predict_logits', 'FusedQuickGELU', 'fuse_quick_gelu', 'set_patch_dropout',
+           'precision_check', 'evaluate_zeroshot', 'benchmark_classifier_build']
 
 # %% ../nbs/03_model.ipynb #0ef7e6b6
 class ModelLoadError(ClipHarError, ValueError):
@@ -623,6 +623,16 @@ def fuse_quick_gelu(model:nn.Module) -> int:
         for name, child in parent.named_children():
             if type(child) is QuickGELU: setattr(parent, name, FusedQuickGELU()); n += 1
     return n
+
+# %% ../nbs/03_model.ipynb #a19930b7
+def set_patch_dropout(model:nn.Module, # a classifier or image tower holding an open_clip `VisionTransformer`
+                      share:float, # of each image's patch tokens dropped in training (0: none)
+                     ) -> int:
+    "Give every open_clip vision transformer in `model` open_clip's `PatchDropout(share)` (identity at 0); how many."
+    from open_clip.transformer import PatchDropout, VisionTransformer
+    towers = [m for m in model.modules() if isinstance(m, VisionTransformer)]
+    for t in towers: t.patch_dropout = PatchDropout(share) if share > 0 else nn.Identity()
+    return len(towers)
 
 # %% ../nbs/03_model.ipynb #e22f5262
 @torch.no_grad()

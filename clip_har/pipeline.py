@@ -357,9 +357,11 @@ def stage_costs(progress_file:str|Path, # a stage's progress records
                 projected_min=round((rest + projected) / 60, 1))
 
 # %% ../nbs/11_pipeline.ipynb #4079fb9f
-PIPELINE_VARIANTS = {  # name -> overrides; "before" is the job as it was: fp32, the frozen stages on images, every WiSE-FT alpha on the whole split
-    'before': {'precision': 'fp32', 'train.precision': 'fp32', 'train.cache_frozen': [], 'train.wise_search': False, 'train.wise_images': None},
+PIPELINE_VARIANTS = {  # name -> overrides; "before" is the job as it was: fp32, the frozen stages on images, every WiSE-FT alpha on the whole split, every patch
+    'before': {'precision': 'fp32', 'train.precision': 'fp32', 'train.cache_frozen': [], 'train.wise_search': False, 'train.wise_images': None,
+               'train.patch_dropout': 0.0},
     'fp32': {'precision': 'fp32', 'train.precision': 'fp32'},
+    'bf16-every-patch': {'precision': 'bf16', 'train.precision': 'bf16', 'train.patch_dropout': 0.0},
     'bf16': {'precision': 'bf16', 'train.precision': 'bf16'},
 }
 

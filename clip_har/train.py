@@ -36,7 +36,8 @@ __all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'fly
            'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog',
            'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'sweep_subset',
            'select_wise_ft', 'save_valid_logits', 'saved_valid_logits', 'join_run', 'resume_from', 'record_rank',
-           'final_classifier', 'finish_tracking', 'select_final', 'train', 'benchmark_training']
+           'weights_digest', 'ValidLogits', 'final_classifier', 'finish_tracking', 'select_final', 'train',
+           'benchmark_training']
 
 # %% ../nbs/05_train.ipynb #3dff374f
 def flyp_loss(logits:torch.Tensor, # (B, C) class logits: scale x cosine(image, class prompt)
@@ -540,6 +541,29 @@ def record_rank(out:Path, rank:int, mode:str, weights:dict, model:nn.Module, sha
     (out/f'rank{rank}.json').write_text(json.dumps({'rank': rank, 'weights_sha256': digest, **extra}))
     torch.distributed.barrier()
 
+# %% ../nbs/05_train.ipynb #c20a1ad9
+def weights_digest(model:nn.Module) -> str:
+    "A digest of a model's parameter and buffer values, in order: equal digests, equal weights."
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for t in model.state_dict().values():
+        if torch.is_tensor(t): h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+class ValidLogits(Callback):
+    "The logits and targets of the latest validation pass through the whole classifier, with the digest of its weights."
+    def __init__(self, precision:str): self.precision, self.kept = precision, None  # `precision`: the training passes' (fastai's autocast)
+    def before_validate(self): self.outs, self.ys = [], []
+    def after_batch(self):
+        if not self.training: self.outs.append(self.pred.detach().float().cpu()); self.ys.append(self.y.detach().cpu())
+    def after_validate(self):
+        whole = isinstance(self.model, ClipClassifier) and not num_distrib()  # not a cached stage's `TowerTop`, a FLYP model or a shard
+        self.kept = (torch.cat(self.outs).as_subclass(torch.Tensor), torch.cat(self.ys).as_subclass(torch.Tensor), weights_digest(self.model)) if whole and self.outs else None
+    def matching(self, model:nn.Module, precision:str, n:int) -> tuple[torch.Tensor, torch.Tensor]|None:
+        "The kept (logits, targets) if `model` has the weights that made them, under `precision`, for `n` images; else None."
+        if self.kept is None or precision != self.precision or len(self.kept[1]) != n: return None
+        return self.kept[:2] if weights_digest(model) == self.kept[2] else None
+
 # %% ../nbs/05_train.ipynb #ca9e1f8d
 def final_classifier(cfg:Config, learn:Learner, meta:dict, mode:str|None, weights:dict, out:Path) -> nn.Module:
     "The trained classifier as a plain module (the best epoch where early stopping watched), saved as `model.pt`."
@@ -565,12 +589,15 @@ def finish_tracking(tracker:Tracker, cfg:Config, summary:dict, artifacts:list, m
 
 # %% ../nbs/05_train.ipynb #693e6b03
 def select_final(cfg:Config, plain:nn.Module, zs_state:dict|None, clip:Clip, manifest:Path, meta:dict, out:Path, precision:str, device,
-                 summary:dict) -> list[Path]:
-    "Score the fine-tuned model on the valid split and choose the final one (the WiSE-FT blend, for a linear CE head); its extra files."
+                 summary:dict, seen:ValidLogits|None=None) -> list[Path]:
+    "Score the fine-tuned model on the valid split (or reuse the last epoch's pass, same weights) and choose the final one; its extra files."
     valid_rows = read_manifest(manifest, cfg.data.labels).query("split == 'valid'")
     vdl = eval_dataloader(valid_rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
     plain.to(device)
-    logits, y = predict_logits(plain, vdl, progress=False, task='train: final valid pass', precision=precision)
+    known = seen.matching(plain, precision, len(valid_rows)) if seen else None
+    if known: get_logger('train').info("the final model's valid logits are the last epoch's (same weights): no second valid pass")
+    logits, y = known or predict_logits(plain, vdl, progress=False, task='train: final valid pass', precision=precision)
+    summary['valid_pass_reused'] = known is not None
     summary.update(valid_accuracy=float((logits.argmax(-1) == y).float().mean()), chance=1 / len(cfg.data.labels), final_model='model.pt')
     if zs_state is None or cfg.train.head != 'linear':
         save_valid_logits(out/'model.pt', logits, y, precision); return []
@@ -600,6 +627,8 @@ def train(cfg:Config, # all parameters
     dls = dataloaders_from_config(cfg, manifest, device)
     model = build_model(cfg, clip)
     if device.type == 'cpu' and (n := fuse_quick_gelu(model)): get_logger('train').info(f'{n} QuickGELU activations run fused (FusedQuickGELU)')
+    if cfg.train.patch_dropout and set_patch_dropout(model, cfg.train.patch_dropout):
+        get_logger('train').info(f'training on {1 - cfg.train.patch_dropout:.0%} of each image\'s patch tokens (train.patch_dropout={cfg.train.patch_dropout:g}); evaluation on all')
     zs_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if cfg.train.loss == 'ce' else None
     state = resume_from(model, ckpt, resume)
     if mode and dls.bs > len(dls.train.items) // num_distrib():
@@ -614,8 +643,8 @@ def train(cfg:Config, # all parameters
     if (not progress or rank) and hasattr(learn, 'progress'): learn.remove_cb(learn.progress)
     if rank == 0: out.mkdir(parents=True, exist_ok=True); save_config(cfg, out/'params.yaml')
     tracker = (Tracker.from_config(cfg) if rank == 0 else Tracker()).start(f'train-{cfg.model.name}', config_dict(cfg), lineage(cfg, manifest))
-    shard_log = ShardLog()
-    cbs = [TrainState(state, out/'checkpoints', meta, cfg.train.monitor, sharded=mode == 'fsdp'), ProgressReport(state, [s.name for s in cfg.train.run_stages]),
+    shard_log, seen = ShardLog(), ValidLogits(precision['train'])
+    cbs = [seen, TrainState(state, out/'checkpoints', meta, cfg.train.monitor, sharded=mode == 'fsdp'), ProgressReport(state, [s.name for s in cfg.train.run_stages]),
            TrackerCallback(tracker, state, cfg.track.log_every)] + [shard_log] * (mode == 'ddp')
     t0 = time.time()
     learn.model.to(device)
@@ -631,7 +660,7 @@ def train(cfg:Config, # all parameters
     plain = final_classifier(cfg, learn, meta, mode, weights, out)
     save_classifier(plain, meta | {'loss': 'ce', 'head': cfg.train.head}, out/'model.pt', history=state.history)
     pd.DataFrame(state.history).to_csv(out/'history.csv', index=False)
-    artifacts = [out/'model.pt', out/'history.csv', out/'params.yaml'] + select_final(cfg, plain, zs_state, clip, manifest, meta, out, precision['valid'], device, summary)
+    artifacts = [out/'model.pt', out/'history.csv', out/'params.yaml'] + select_final(cfg, plain, zs_state, clip, manifest, meta, out, precision['valid'], device, summary, seen)
     h = state.history
     summary.update(first_train_loss=h[0]['train_loss'] if h else None, last_train_loss=h[-1]['train_loss'] if h else None)
     finish_tracking(tracker, cfg, summary, artifacts, manifest, out)
