@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_pipeline.ipynb #b184d998
 from __future__ import annotations
-import json, os, shutil, subprocess, sys, time
+import json, os, shutil, statistics, subprocess, sys, time
 from contextlib import nullcontext
 from fastcore.xtras import modified_env
 from dataclasses import dataclass, field
@@ -338,20 +338,20 @@ def stage_costs(progress_file:str|Path, # a stage's progress records
                 full:dict=FULL_SPLITS, # images per split to project to
                ) -> dict:
     "A stage's measured seconds, images and images/s, and its seconds projected to `full` split sizes (each task at its warm rate)."
-    first, last = {}, {}
+    seen = {}
     if Path(progress_file).is_file():
-        for line in Path(progress_file).read_text().splitlines():
-            r = json.loads(line); first.setdefault(r['task'], r); last[r['task']] = r
+        for line in Path(progress_file).read_text().splitlines(): r = json.loads(line); seen.setdefault(r['task'], []).append(r)
     count = lambda r: r.get('images') or (r['done'] if r['unit'] == 'images' else 0)
     busy = projected = images = 0.0
-    for task, r in last.items():
+    for task, recs in seen.items():
+        r = recs[-1]
         secs = r['t'] - r['started'] if r.get('started') is not None else 0.0
-        split, n, f = task_split(task), count(r), first[task]
+        split, n = task_split(task), count(r)
         busy += secs; images += n
         if not split or not n: projected += secs; continue
-        if count(f) < n and r['t'] > f['t']:  # warm rate: from the first record on (the first batch also pays for kernel set-up)
-            projected += (f['t'] - r['started']) + (full[split] - count(f)) * (r['t'] - f['t']) / (n - count(f))
-        else: projected += secs * full[split] / n  # a training epoch uses the images that fill whole batches
+        warm = [(b['t'] - a['t']) / (count(b) - count(a)) for a, b in zip(recs, recs[1:]) if count(b) > count(a) and b['t'] > a['t']]
+        # what was measured stays (the first batch's kernel set-up, a recompile), the rest at the median warm seconds per image
+        projected += secs + (full[split] - n) * statistics.median(warm) if warm else secs * full[split] / n
     rest = max(wall - busy, 0.0)
     return dict(seconds=round(wall, 1), images=int(images), images_per_s=round(images / busy, 2) if busy and images else None,
                 projected_min=round((rest + projected) / 60, 1))

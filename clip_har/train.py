@@ -217,7 +217,9 @@ def read_train_checkpoint(path:str|Path, # a `last.pt` or `best.pt`
 class TowerTop(nn.Module):
     "A `ClipClassifier` from `tower_below`'s activations at `k` (0: from features); its state is the whole classifier's."
     def __init__(self, classifier:ClipClassifier, k:int=0): super().__init__(); self.classifier, self.k = classifier, k
-    def forward(self, x:torch.Tensor) -> torch.Tensor: return self.classifier.head(tower_above(self.classifier.visual, x, self.k))
+    def forward(self, x:torch.Tensor) -> torch.Tensor:
+        if self.k: x = self.classifier.visual.patch_dropout(x)  # in training, the share of tokens `train.patch_dropout` keeps, as on images
+        return self.classifier.head(tower_above(self.classifier.visual, x, self.k))
     def state_dict(self, *args, **kwargs): return self.classifier.state_dict(*args, **kwargs)
     def load_state_dict(self, sd, strict:bool=True, **kwargs): return self.classifier.load_state_dict(sd, strict, **kwargs)
 
