@@ -327,7 +327,8 @@ class Dashboard:
                 ('Performance', self.perf), ('Monitoring', W.VBox([W.HBox([self.monitor_range, self.monitor_refresh]), self.monitor_out])),
                 ('Webcam', self.webcam)]
         self.tabs = W.Tab(children=[t for _, t in tabs], titles=[n for n, _ in tabs])
-        self.tabs.observe(lambda ch: ch['new'] == 4 and self.show_monitoring(), 'selected_index')  # read the store when the tab is opened
+        monitoring = [n for n, _ in tabs].index('Monitoring')
+        self.tabs.observe(lambda ch: ch['new'] == monitoring and self.show_monitoring(), 'selected_index')  # read the store when the tab is opened
         self.widget = W.VBox([W.HTML('<h2>clip_har: human action recognition</h2>'), W.HBox([self.picker, self.model_info]), self.message, self.tabs])
         self.show_performance(); self.show_webcam()
         if self.models: self.load(self.picker.value)
