@@ -15,7 +15,7 @@ from .core import *
 from .data import IMAGE_EXTS, DataSourceError
 from .metrics import REFERENCE_FILE, read_reference
 from .monitor import (PSI_LARGE, FeedbackError, PredictionStore, model_reference, monitor_figure, monitor_report,
-                              parse_when, prediction_record, psi_verdict)
+                              figure_text, parse_when, prediction_record, psi_verdict)
 
 # %% auto #0
 __all__ = ['TOKEN_ENV', 'LocalSource', 'RemoteSource', 'find_models', 'open_source', 'prediction_chart', 'InputRefused',
@@ -506,7 +506,7 @@ def show_monitoring(self:Dashboard):
         self.monitor_out.value = f'<p class="clip-har-monitor-error" style="color:#c22">cannot read {html.escape(self.store.safe_url)}: {html.escape(type(e).__name__)}: {html.escape(str(e))[:300]}</p>'; return
     if not len(df):
         self.monitor_out.value = f'<p class="clip-har-monitor-empty">No predictions recorded in this range ({html.escape(self.store.safe_url)}).</p>'; return
-    f = lambda v, fmt='{:.3f}': '-' if v is None or v != v else fmt.format(v)
+    f = figure_text
     psi_html = lambda name, v: (f'{name} <b class="clip-har-psi" data-signal="{name}" data-psi="{f(v, "{:.4f}")}" style="color:'
                                 f'{"#c22" if psi_verdict(v) == "large shift" else "#b80" if psi_verdict(v) == "moderate shift" else "#2b6"}">'
                                 f'{f(v)} ({psi_verdict(v)})</b>')

@@ -17,8 +17,8 @@ from .metrics import CONFIDENCE_BINS, prediction_profile, psi, read_reference
 
 # %% auto #0
 __all__ = ['PSI_MODERATE', 'PSI_LARGE', 'FeedbackError', 'PredictionStore', 'prediction_record', 'Recorder', 'LiveMonitor',
-           'psi_verdict', 'drift_scores', 'model_reference', 'monitor_report', 'report_text', 'monitor_figure',
-           'parse_when', 'store_url', 'open_store', 'export_feedback']
+           'psi_verdict', 'drift_scores', 'model_reference', 'monitor_report', 'figure_text', 'report_text',
+           'monitor_figure', 'parse_when', 'store_url', 'open_store', 'export_feedback']
 
 # %% ../nbs/08b_monitor.ipynb #cc7ce1b8
 class FeedbackError(Exception):
@@ -281,9 +281,13 @@ def monitor_report(store:PredictionStore, # where the service records
 def _when(t:float|None) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC') if t is not None else '-'
 
+def figure_text(v:float|None, fmt:str='{:.3f}') -> str:
+    "A report figure as text: '-' where there is none (None or NaN)."
+    return '-' if v is None or v != v else fmt.format(v)
+
 def report_text(rep:dict) -> str:
     "A monitor report as Markdown."
-    f = lambda v, fmt='{:.3f}': '-' if v is None or v != v else fmt.format(v)
+    f = figure_text
     lines = [f"# Monitoring: {_when(rep['since'])} to {_when(rep['until'])}", '',
              f"- predictions: {rep['predictions']:,}; feedback: {rep['feedback']:,}; feedback accuracy: {f(rep['feedback_accuracy'])}",
              f"- latency p50 / p99: {f(rep['latency_ms_p50'], '{:.1f}')} / {f(rep['latency_ms_p99'], '{:.1f}')} ms",
