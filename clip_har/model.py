@@ -17,15 +17,15 @@ from .data import DataSourceError, eval_dataloader, read_manifest
 from .metrics import classification_metrics, write_metrics
 
 # %% auto #0
-__all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'ModelLoadError', 'read_checkpoint', 'load_state_dict_checked',
-           'Clip', 'uses_quick_gelu', 'tag_quick_gelu', 'load_clip', 'save_clip_folder', 'same_weights',
-           'hf_cache_layout', 'imagenet_templates', 'phrases_for', 'class_prompts', 'check_labels', 'text_fingerprint',
-           'encode_prompts', 'class_embeddings', 'ZeroShotHead', 'ZeroShotClassifier', 'LinearHead', 'MLPHead',
-           'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier', 'clip_classifier', 'clip_splitter',
+__all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'COMPILE_MIN_PARAMS', 'ModelLoadError', 'read_checkpoint',
+           'load_state_dict_checked', 'Clip', 'uses_quick_gelu', 'tag_quick_gelu', 'load_clip', 'save_clip_folder',
+           'same_weights', 'hf_cache_layout', 'imagenet_templates', 'phrases_for', 'class_prompts', 'check_labels',
+           'text_fingerprint', 'encode_prompts', 'class_embeddings', 'ZeroShotHead', 'ZeroShotClassifier', 'LinearHead',
+           'MLPHead', 'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier', 'clip_classifier', 'clip_splitter',
            'splits_at_blocks', 'tower_below', 'tower_above', 'backbone_meta', 'backbone_from_meta', 'atomic_save',
            'unwrap', 'full_state_dict', 'CheckpointError', 'save_classifier', 'read_classifier_meta', 'load_classifier',
-           'grads_flagged', 'predict_logits', 'FusedQuickGELU', 'fuse_quick_gelu', 'set_patch_dropout',
-           'precision_check', 'evaluate_zeroshot', 'benchmark_classifier_build']
+           'grads_flagged', 'compile_pass', 'batch_runner', 'predict_logits', 'FusedQuickGELU', 'fuse_quick_gelu',
+           'set_patch_dropout', 'precision_check', 'evaluate_zeroshot', 'benchmark_classifier_build']
 
 # %% ../nbs/03_model.ipynb #0ef7e6b6
 class ModelLoadError(ClipHarError, ValueError):
@@ -574,6 +574,33 @@ def grads_flagged(model):
     finally:
         for p, f in zip(params, flags): p.requires_grad_(f)
 
+# %% ../nbs/03_model.ipynb #b8fd0691
+COMPILE_MIN_PARAMS = 50_000_000  # ViT-B and larger: their compile pays back within a few hundred images
+
+def compile_pass(model, # what the pass runs: a module, or any function of a batch
+                 precision:str, # from `resolve_precision`
+                 device, # where it runs
+                ) -> bool:
+    "Whether an inference pass runs `model` compiled: an fp32 module on CPU with at least `COMPILE_MIN_PARAMS` parameters."
+    return (isinstance(model, nn.Module) and precision == 'fp32' and torch.device(device).type == 'cpu'
+            and sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMS)
+
+def batch_runner(model:Callable, # maps a batch to outputs
+                 compile:bool=False, # run batches of the first one's size through `torch.compile(model)`
+                ) -> Callable:
+    "`model`, or a function running full batches compiled and the rest eager (eager for good where compiling fails)."
+    if not compile: return model
+    fast, size = [torch.compile(model, dynamic=False)], []
+    def run(xb):
+        if not size: size.append(len(xb))
+        if fast[0] is None or len(xb) != size[0]: return model(xb)
+        try: return fast[0](xb)
+        except Exception as e:  # no compiler here: eager, the same numbers
+            fast[0] = None
+            get_logger('model').warning(f'the pass runs eager (torch.compile failed: {type(e).__name__}: {str(e)[:200]})')
+            return model(xb)
+    return run
+
 # %% ../nbs/03_model.ipynb #2bd9a6d1
 @torch.no_grad()
 def predict_logits(model:Callable, # maps an image batch to logits (a module, or any function of a batch)
@@ -582,6 +609,7 @@ def predict_logits(model:Callable, # maps an image batch to logits (a module, or
                    task:str='predict', # names this pass in the pipeline's terminal progress lines
                    precision:str='fp32', # from `resolve_precision`: bf16 runs the forward under autocast
                    dtype:torch.dtype=torch.float32, # what the outputs are kept as (bf16 halves a cache of activations)
+                   compile:bool|None=None, # run it compiled (`batch_runner`); None: as `compile_pass` decides
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     "All logits and targets of `dl` (reporting progress as it goes)."
     from fastprogress.fastprogress import progress_bar
@@ -589,9 +617,12 @@ def predict_logits(model:Callable, # maps an image batch to logits (a module, or
     params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     device = params.device if params is not None else torch.device('cpu')
     outs, ys, t0, total = [], [], time.time(), getattr(dl, 'n', None) or len(getattr(dl, 'dataset', ()))
+    compiled = compile_pass(model, precision, device) if compile is None else compile
+    if compiled: get_logger('model').info(f'{task}: fp32 on CPU, compiled (torch.compile; TORCH_COMPILE_DISABLE=1 runs it eager)')
+    run = batch_runner(model, compiled)
     with grads_flagged(model):
         for xb, yb in (progress_bar(dl, leave=False) if progress else dl):
-            with autocast(precision, device): outs.append(model(xb.to(device)).to(dtype).cpu())
+            with autocast(precision, device): outs.append(run(xb.to(device).as_subclass(torch.Tensor)).to(dtype).cpu())
             ys.append(yb.cpu())
             report_progress(task, sum(len(y) for y in ys), total, 'images', t0)
     return torch.cat(outs).as_subclass(torch.Tensor), torch.cat(ys).as_subclass(torch.Tensor)  # plain tensors, not fastai's subclasses
@@ -604,7 +635,8 @@ _FUSED = {}  # 'fn': the compiled function, or None once compiling failed
 class FusedQuickGELU(nn.Module):
     "open_clip's QuickGELU, x * sigmoid(1.702 x), as one compiled kernel forward and one backward."
     def forward(self, x):
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _FUSED.get('fn', 0) is None: return _quick_gelu(x)
+        if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or _FUSED.get('fn', 0) is None): return _quick_gelu(x)  # inside a compiled model, the compiler fuses it with the rest
         if 'fn' not in _FUSED:
             import torch._inductor.config as inductor
             inductor.compile_threads = 1  # one small kernel: no pool of compiler processes competing with training for the cores

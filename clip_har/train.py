@@ -36,8 +36,8 @@ __all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'fly
            'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog',
            'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'sweep_subset',
            'select_wise_ft', 'save_valid_logits', 'saved_valid_logits', 'join_run', 'resume_from', 'record_rank',
-           'weights_digest', 'ValidLogits', 'final_classifier', 'finish_tracking', 'select_final', 'train',
-           'benchmark_training']
+           'weights_digest', 'whole_pass', 'ValidLogits', 'final_classifier', 'finish_tracking', 'select_final',
+           'train', 'benchmark_training']
 
 # %% ../nbs/05_train.ipynb #3dff374f
 def flyp_loss(logits:torch.Tensor, # (B, C) class logits: scale x cosine(image, class prompt)
@@ -216,7 +216,9 @@ def read_train_checkpoint(path:str|Path, # a `last.pt` or `best.pt`
 # %% ../nbs/05_train.ipynb #10ce6be2
 class TowerTop(nn.Module):
     "A `ClipClassifier` from `tower_below`'s activations at `k` (0: from features); its state is the whole classifier's."
-    def __init__(self, classifier:ClipClassifier, k:int=0): super().__init__(); self.classifier, self.k = classifier, k
+    def __init__(self, classifier:ClipClassifier, k:int=0,
+                 exact:bool=False): # its inputs are fp32: in eval it gives the whole classifier's logits on those images
+        super().__init__(); self.classifier, self.k, self.exact = classifier, k, exact
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         if self.k: x = self.classifier.visual.patch_dropout(x)  # in training, the share of tokens `train.patch_dropout` keeps, as on images
         return self.classifier.head(tower_above(self.classifier.visual, x, self.k))
@@ -281,7 +283,7 @@ def frozen_inputs(learn:Learner, # the run's Learner (a `ClipClassifier` on imag
     k = t.top_blocks if stage.train == 'top' else 0
     if stage.train == 'top' and (not k or held['cache'].k != k): yield learn; return  # features only: the top stage trains on images
     model, dls = learn.model, learn.dls
-    learn.dls, learn.model = held['cache'].dataloaders(learn, k), TowerTop(unwrap(model), k)
+    learn.dls, learn.model = held['cache'].dataloaders(learn, k), TowerTop(unwrap(model), k, exact=held['cache'].precision == 'fp32')
     try: yield learn
     finally: learn.model, learn.dls = model, dls
 
@@ -552,19 +554,23 @@ def weights_digest(model:nn.Module) -> str:
         if torch.is_tensor(t): h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
+def whole_pass(model:nn.Module) -> bool:
+    "Whether a validation pass of `model` gives the whole classifier's logits: a `ClipClassifier`, or a `TowerTop` on an fp32 cache; one process."
+    return not num_distrib() and (isinstance(model, ClipClassifier) or (isinstance(model, TowerTop) and model.exact))
+
 class ValidLogits(Callback):
-    "The logits and targets of the latest validation pass through the whole classifier, with the digest of its weights."
-    def __init__(self, precision:str): self.precision, self.kept = precision, None  # `precision`: the training passes' (fastai's autocast)
+    "The logits and targets of each validation pass that gives the whole classifier's (`whole_pass`), by the digest of its weights."
+    def __init__(self, precision:str): self.precision, self.kept = precision, {}  # `precision`: the training passes' (fastai's autocast)
     def before_validate(self): self.outs, self.ys = [], []
     def after_batch(self):
         if not self.training: self.outs.append(self.pred.detach().float().cpu()); self.ys.append(self.y.detach().cpu())
     def after_validate(self):
-        whole = isinstance(self.model, ClipClassifier) and not num_distrib()  # not a cached stage's `TowerTop`, a FLYP model or a shard
-        self.kept = (torch.cat(self.outs).as_subclass(torch.Tensor), torch.cat(self.ys).as_subclass(torch.Tensor), weights_digest(self.model)) if whole and self.outs else None
+        if self.outs and whole_pass(self.model):
+            self.kept[weights_digest(self.model)] = (torch.cat(self.outs).as_subclass(torch.Tensor), torch.cat(self.ys).as_subclass(torch.Tensor))
     def matching(self, model:nn.Module, precision:str, n:int) -> tuple[torch.Tensor, torch.Tensor]|None:
-        "The kept (logits, targets) if `model` has the weights that made them, under `precision`, for `n` images; else None."
-        if self.kept is None or precision != self.precision or len(self.kept[1]) != n: return None
-        return self.kept[:2] if weights_digest(model) == self.kept[2] else None
+        "The kept (logits, targets) of a pass with `model`'s weights, under `precision`, over `n` images; else None."
+        got = self.kept.get(weights_digest(model)) if precision == self.precision else None
+        return got if got is not None and len(got[1]) == n else None
 
 # %% ../nbs/05_train.ipynb #ca9e1f8d
 def final_classifier(cfg:Config, learn:Learner, meta:dict, mode:str|None, weights:dict, out:Path) -> nn.Module:
@@ -592,12 +598,12 @@ def finish_tracking(tracker:Tracker, cfg:Config, summary:dict, artifacts:list, m
 # %% ../nbs/05_train.ipynb #693e6b03
 def select_final(cfg:Config, plain:nn.Module, zs_state:dict|None, clip:Clip, manifest:Path, meta:dict, out:Path, precision:str, device,
                  summary:dict, seen:ValidLogits|None=None) -> list[Path]:
-    "Score the fine-tuned model on the valid split (or reuse the last epoch's pass, same weights) and choose the final one; its extra files."
+    "Score the fine-tuned model on the valid split (or reuse its epoch's validation pass, same weights) and choose the final one; its extra files."
     valid_rows = read_manifest(manifest, cfg.data.labels).query("split == 'valid'")
     vdl = eval_dataloader(valid_rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
     plain.to(device)
     known = seen.matching(plain, precision, len(valid_rows)) if seen else None
-    if known: get_logger('train').info("the final model's valid logits are the last epoch's (same weights): no second valid pass")
+    if known: get_logger('train').info("the final model's valid logits are those of its epoch's validation (same weights): no second valid pass")
     logits, y = known or predict_logits(plain, vdl, progress=False, task='train: final valid pass', precision=precision)
     summary['valid_pass_reused'] = known is not None
     summary.update(valid_accuracy=float((logits.argmax(-1) == y).float().mean()), chance=1 / len(cfg.data.labels), final_model='model.pt')
