@@ -12,13 +12,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV', 'HAR_MINI_MISSING', 'get_logger',
-           'ClipHarError', 'ConfigError', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig',
-           'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig', 'ServeConfig', 'RetrainConfig',
-           'DashboardConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config',
-           'seed_everything', 'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'hub_offline',
-           'hub_reachable', 'register_test_models', 'file_sha256', 'running_benchmarks', 'report_progress',
-           'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir', 'trained_model_path']
+__all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV', 'HAR_MINI_MISSING',
+           'get_logger', 'ClipHarError', 'ConfigError', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig',
+           'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig', 'ServeConfig',
+           'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config',
+           'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags', 'resolve_precision', 'autocast',
+           'hub_offline', 'hub_reachable', 'register_test_models', 'file_sha256', 'running_benchmarks',
+           'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir',
+           'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -382,6 +383,8 @@ def resolve_precision(precision:str='auto', # auto, fp32, bf16 or fp16 (from par
     raise ConfigError(f'precision {precision} needs a CUDA device; use auto, fp32 or (on CPUs) bf16 on {kind}')
 
 # %% ../nbs/00_core.ipynb #0b0f2a63
+COMPILE_ENV = 'CLIP_HAR_COMPILE_PASSES'  # 0: fp32 inference passes run eager, not under torch.compile (`model.compile_pass`)
+
 def autocast(precision:str, # from `resolve_precision`
              device='cpu'):
     "A context in which forward passes run at `precision` (autocast for bf16/fp16; nothing for fp32)."

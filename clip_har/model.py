@@ -582,7 +582,7 @@ def compile_pass(model, # what the pass runs: a module, or any function of a bat
                  device, # where it runs
                 ) -> bool:
     "Whether an inference pass runs `model` compiled: an fp32 module on CPU with at least `COMPILE_MIN_PARAMS` parameters."
-    return (isinstance(model, nn.Module) and precision == 'fp32' and torch.device(device).type == 'cpu'
+    return (os.environ.get(COMPILE_ENV, '1') != '0' and isinstance(model, nn.Module) and precision == 'fp32' and torch.device(device).type == 'cpu'
             and sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMS)
 
 def batch_runner(model:Callable, # maps a batch to outputs
@@ -618,7 +618,7 @@ def predict_logits(model:Callable, # maps an image batch to logits (a module, or
     device = params.device if params is not None else torch.device('cpu')
     outs, ys, t0, total = [], [], time.time(), getattr(dl, 'n', None) or len(getattr(dl, 'dataset', ()))
     compiled = compile_pass(model, precision, device) if compile is None else compile
-    if compiled: get_logger('model').info(f'{task}: fp32 on CPU, compiled (torch.compile; TORCH_COMPILE_DISABLE=1 runs it eager)')
+    if compiled: get_logger('model').info(f'{task}: fp32 on CPU, compiled (torch.compile; {COMPILE_ENV}=0 runs it eager)')
     run = batch_runner(model, compiled)
     with grads_flagged(model):
         for xb, yb in (progress_bar(dl, leave=False) if progress else dl):

@@ -17,12 +17,12 @@ from .core import *
 from .data import data_sources
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'HUB_DATASET', 'FULL_SPLITS', 'PIPELINE_VARIANTS', 'DEMO_OVERRIDES',
-           'PipelineError', 'Stage', 'stage_named', 'dvc_yaml', 'write_dvc_yaml', 'missing_stage_params',
-           'notebooks_dir', 'stage_notebook', 'run_notebook', 'log_run_records', 'run_stage', 'dataset_cached',
-           'weights_cached', 'preflight', 'rehearsal_dataset', 'rehearsal_weights', 'task_split', 'stage_costs',
-           'rehearse_sweep', 'benchmark_pipeline', 'dvc', 'run_pipeline', 'demo_sources', 'write_demo_params',
-           'registry_classifier', 'retrain_gate', 'retrain', 'add_data_source']
+__all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'HUB_DATASET', 'FULL_SPLITS', 'PIPELINE_VARIANTS', 'PIPELINE_ENV',
+           'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named', 'dvc_yaml', 'write_dvc_yaml',
+           'missing_stage_params', 'notebooks_dir', 'stage_notebook', 'run_notebook', 'log_run_records', 'run_stage',
+           'dataset_cached', 'weights_cached', 'preflight', 'rehearsal_dataset', 'rehearsal_weights', 'task_split',
+           'stage_costs', 'rehearse_sweep', 'benchmark_pipeline', 'dvc', 'run_pipeline', 'demo_sources',
+           'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain', 'add_data_source']
 
 # %% ../nbs/11_pipeline.ipynb #b4d1c8d2
 class PipelineError(ClipHarError, RuntimeError):
@@ -364,6 +364,7 @@ PIPELINE_VARIANTS = {  # name -> overrides; "before" is the job as it was: fp32,
     'bf16-every-patch': {'precision': 'bf16', 'train.precision': 'bf16', 'train.patch_dropout': 0.0},
     'bf16': {'precision': 'bf16', 'train.precision': 'bf16'},
 }
+PIPELINE_ENV = {'before': {COMPILE_ENV: '0'}}  # name -> environment: the job as it was ran its fp32 passes eager
 
 def _run_measured(cmd:list, cwd:Path, env:dict, log:Path) -> tuple[float, float]:
     "Run `cmd`; its wall seconds and the peak resident memory (MB) of its process tree, sampled every 0.2 s."
@@ -394,6 +395,7 @@ def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the
                        source:str|Path|None=None, # photos for the rehearsal cache (default: har-mini, else the fixtures)
                        per_class:int=10, # photos per class (each also mirrored)
                        variants:Mapping[str, Mapping]=PIPELINE_VARIANTS, # name -> params.yaml overrides
+                       envs:Mapping[str, Mapping]=PIPELINE_ENV, # name -> environment variables of its runs
                        stages:Sequence[str]=STAGE_NAMES) -> 'pd.DataFrame':
     "Run the main job's stages (ViT-B-16, rehearsal cache) once per variant; per stage: seconds, images/s, peak memory, full-scale projection."
     import pandas as pd
@@ -406,7 +408,8 @@ def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the
         work = out/name; shutil.rmtree(work, ignore_errors=True); work.mkdir(parents=True)
         save_config(load_config(base, dict(over)), work/'params.yaml')
         for stage in stages:
-            wall, peak = _run_measured([Path(sys.executable).parent/'clip-har', 'pipeline', '--stage', stage], work, env, work/f'{stage}.log')
+            wall, peak = _run_measured([Path(sys.executable).parent/'clip-har', 'pipeline', '--stage', stage], work, {**env, **envs.get(name, {})},
+                                       work/f'{stage}.log')
             sizes = pd.read_csv(work/'data'/'prepared'/'manifest.csv').split.value_counts().to_dict()
             if stage == 'prepare': rehearse_sweep(work/'params.yaml', sizes['valid'])
             nb = Path(stage_named(stage).notebook).stem
