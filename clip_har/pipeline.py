@@ -18,7 +18,7 @@ from .data import data_sources
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'HUB_DATASET', 'FULL_SPLITS', 'PIPELINE_VARIANTS', 'PIPELINE_ENV',
-           'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named', 'dvc_yaml', 'write_dvc_yaml',
+           'REHEARSAL_SPLITS', 'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named', 'dvc_yaml', 'write_dvc_yaml',
            'missing_stage_params', 'notebooks_dir', 'stage_notebook', 'run_notebook', 'log_run_records', 'run_stage',
            'dataset_cached', 'weights_cached', 'preflight', 'rehearsal_dataset', 'rehearsal_weights', 'task_split',
            'stage_costs', 'rehearse_sweep', 'benchmark_pipeline', 'dvc', 'run_pipeline', 'demo_sources',
@@ -349,8 +349,11 @@ def stage_costs(progress_file:str|Path, # a stage's progress records
         split, n = task_split(task), count(r)
         busy += secs; images += n
         if not split or not n: projected += secs; continue
-        warm = [(b['t'] - a['t']) / (count(b) - count(a)) for a, b in zip(recs, recs[1:]) if count(b) > count(a) and b['t'] > a['t']]
-        # what was measured stays (the first batch's kernel set-up, a recompile), the rest at the median warm seconds per image
+        steps = [(b['t'] - a['t'], count(b) - count(a)) for a, b in zip(recs, recs[1:]) if count(b) > count(a) and b['t'] > a['t']]
+        bs = max([count(recs[0])] + [k for _, k in steps])  # a full batch
+        warm = [s / k for s, k in steps if k == bs] or [s / k for s, k in steps]
+        # what was measured stays (the first batch's set-up or compile, a one-off stall, the short last batch, which a compiled
+        # pass runs eager), the rest at the median seconds per image of the later full batches (of any later batch where there are none)
         projected += secs + (full[split] - n) * statistics.median(warm) if warm else secs * full[split] / n
     rest = max(wall - busy, 0.0)
     return dict(seconds=round(wall, 1), images=int(images), images_per_s=round(images / busy, 2) if busy and images else None,
@@ -383,19 +386,23 @@ def _run_measured(cmd:list, cwd:Path, env:dict, log:Path) -> tuple[float, float]
 def rehearse_sweep(params:Path, # a rehearsal's params.yaml
                    n_valid:int, # its valid split's size
                   ) -> int|None:
-    "Give the rehearsal's WiSE-FT search the share of its valid split that the full job's has (600 of 1,889); the images it gets."
+    "Give the rehearsal's WiSE-FT search the share of its valid split that the full job's has (600 of 1,889), at least two full batches; the images it gets."
     cfg = load_config(params)
     if cfg.train.wise_images is None: return None
-    n = max(1, round(n_valid * FULL_SPLITS['sweep'] / FULL_SPLITS['valid']))
+    n = min(n_valid, max(1, round(n_valid * FULL_SPLITS['sweep'] / FULL_SPLITS['valid']), 2 * cfg.data.batch_size))  # a warm full batch to measure
     save_config(load_config(params, {'train.wise_images': n}), params)
     return n
 
+
 # %% ../nbs/11_pipeline.ipynb #d01c77e5
+REHEARSAL_SPLITS = {'data.valid_pct': 0.25, 'data.test_pct': 0.25}  # 420 photos: 210 / 105 / 105, so every pass has full batches after its first
+
 def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the runs, pipeline.md/.json and the rehearsal cache
                        source:str|Path|None=None, # photos for the rehearsal cache (default: har-mini, else the fixtures)
-                       per_class:int=10, # photos per class (each also mirrored)
+                       per_class:int=14, # photos per class (each also mirrored)
                        variants:Mapping[str, Mapping]=PIPELINE_VARIANTS, # name -> params.yaml overrides
                        envs:Mapping[str, Mapping]=PIPELINE_ENV, # name -> environment variables of its runs
+                       splits:Mapping=REHEARSAL_SPLITS, # params.yaml overrides of every variant: the rehearsal's split shares
                        stages:Sequence[str]=STAGE_NAMES) -> 'pd.DataFrame':
     "Run the main job's stages (ViT-B-16, rehearsal cache) once per variant; per stage: seconds, images/s, peak memory, full-scale projection."
     import pandas as pd
@@ -406,7 +413,7 @@ def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the
     base, rows = repo_root()/'params.yaml', []
     for name, over in variants.items():
         work = out/name; shutil.rmtree(work, ignore_errors=True); work.mkdir(parents=True)
-        save_config(load_config(base, dict(over)), work/'params.yaml')
+        save_config(load_config(base, {**splits, **over}), work/'params.yaml')
         for stage in stages:
             wall, peak = _run_measured([Path(sys.executable).parent/'clip-har', 'pipeline', '--stage', stage], work, {**env, **envs.get(name, {})},
                                        work/f'{stage}.log')
