@@ -21,8 +21,8 @@ __all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'HUB_DATASET', 'FULL_SPLITS', 
            'REHEARSAL_SPLITS', 'DEMO_OVERRIDES', 'PipelineError', 'Stage', 'stage_named', 'dvc_yaml', 'write_dvc_yaml',
            'missing_stage_params', 'notebooks_dir', 'stage_notebook', 'run_notebook', 'log_run_records', 'run_stage',
            'dataset_cached', 'weights_cached', 'preflight', 'rehearsal_dataset', 'rehearsal_weights', 'task_split',
-           'stage_costs', 'rehearse_sweep', 'benchmark_pipeline', 'dvc', 'run_pipeline', 'demo_sources',
-           'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain', 'add_data_source']
+           'stage_costs', 'rehearse_sweep', 'native_variants', 'benchmark_pipeline', 'dvc', 'run_pipeline',
+           'demo_sources', 'write_demo_params', 'registry_classifier', 'retrain_gate', 'retrain', 'add_data_source']
 
 # %% ../nbs/11_pipeline.ipynb #b4d1c8d2
 class PipelineError(ClipHarError, RuntimeError):
@@ -394,6 +394,16 @@ def rehearse_sweep(params:Path, # a rehearsal's params.yaml
     return n
 
 
+# %% ../nbs/11_pipeline.ipynb #534a754e
+def native_variants(variants:Mapping[str, Mapping], # name -> params.yaml overrides
+                    flags:set[str]|None=None, # the CPU's flags (default: `cpu_flags()`)
+                   ) -> tuple[dict, list[str]]:
+    "The variants worth timing on this CPU, and the names of those left out: bf16 ones where the CPU has no native bf16 (autocast emulates it)."
+    native = bool((cpu_flags() if flags is None else set(flags)) & set(BF16_CPU_FLAGS))
+    keep = {k: v for k, v in variants.items() if native or 'bf16' not in (v.get('precision'), v.get('train.precision'))}
+    return keep, [k for k in variants if k not in keep]
+
+
 # %% ../nbs/11_pipeline.ipynb #d01c77e5
 REHEARSAL_SPLITS = {'data.valid_pct': 0.25, 'data.test_pct': 0.25}  # 420 photos: 210 / 105 / 105, so every pass has full batches after its first
 
@@ -403,9 +413,16 @@ def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the
                        variants:Mapping[str, Mapping]=PIPELINE_VARIANTS, # name -> params.yaml overrides
                        envs:Mapping[str, Mapping]=PIPELINE_ENV, # name -> environment variables of its runs
                        splits:Mapping=REHEARSAL_SPLITS, # params.yaml overrides of every variant: the rehearsal's split shares
-                       stages:Sequence[str]=STAGE_NAMES) -> 'pd.DataFrame':
+                       stages:Sequence[str]=STAGE_NAMES,
+                       emulated:bool=False, # also time bf16 variants on a CPU without native bf16 (`native_variants`)
+                      ) -> 'pd.DataFrame':
     "Run the main job's stages (ViT-B-16, rehearsal cache) once per variant; per stage: seconds, images/s, peak memory, full-scale projection."
     import pandas as pd
+    if not emulated:
+        variants, left_out = native_variants(variants)
+        if left_out: print(f"left out: {', '.join(left_out)} (this CPU has no native bf16: {' or '.join(BF16_CPU_FLAGS)}; autocast would emulate it, "
+                           f"slower than fp32, and precision: auto runs fp32 here; emulated=True times them anyway)", flush=True)
+        if not variants: return pd.DataFrame()
     out = Path(out_dir).resolve(); hf = out/'hf'
     if not (hf/'datasets').is_dir(): rehearsal_dataset(hf, source, per_class); rehearsal_weights(hf)
     env = {**os.environ, 'HF_HOME': str(hf), 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'WANDB_MODE': 'offline',
@@ -426,7 +443,7 @@ def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the
     table = df.pivot(index='stage', columns='variant', values='projected_min').reindex(list(stages))[list(variants)]
     table.loc['total'] = table.sum()
     (out/'pipeline.json').write_text(json.dumps(dict(sizes=sizes, full=FULL_SPLITS, cpu_count=os.cpu_count(), rows=rows), indent=2))
-    (out/'pipeline.md').write_text(f"# The main job's stages, ViT-B-16, {os.cpu_count()} cores\n\nMeasured on {sizes} images:\n\n"
+    (out/'pipeline.md').write_text(f"# The main job's stages, ViT-B-16, {os.cpu_count()} cores (native bf16: {'yes' if native_variants({'b': {'precision': 'bf16'}})[0] else 'no'})\n\nMeasured on {sizes} images:\n\n"
                                    + df.to_markdown(index=False) + f"\n\nProjected minutes at full scale ({FULL_SPLITS}):\n\n" + table.to_markdown() + '\n')
     print(table.to_markdown())
     return df
