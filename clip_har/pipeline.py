@@ -399,7 +399,7 @@ def native_variants(variants:Mapping[str, Mapping], # name -> params.yaml overri
                     flags:set[str]|None=None, # the CPU's flags (default: `cpu_flags()`)
                    ) -> tuple[dict, list[str]]:
     "The variants worth timing on this CPU, and the names of those left out: bf16 ones where the CPU has no native bf16 (autocast emulates it)."
-    native = bool((cpu_flags() if flags is None else set(flags)) & set(BF16_CPU_FLAGS))
+    native = resolve_precision('auto', 'cpu', flags) == 'bf16'  # what `precision: auto` runs on this CPU
     keep = {k: v for k, v in variants.items() if native or 'bf16' not in (v.get('precision'), v.get('train.precision'))}
     return keep, [k for k in variants if k not in keep]
 
@@ -443,7 +443,7 @@ def benchmark_pipeline(out_dir:str|Path='outputs/benchmark/pipeline', # gets the
     table = df.pivot(index='stage', columns='variant', values='projected_min').reindex(list(stages))[list(variants)]
     table.loc['total'] = table.sum()
     (out/'pipeline.json').write_text(json.dumps(dict(sizes=sizes, full=FULL_SPLITS, cpu_count=os.cpu_count(), rows=rows), indent=2))
-    (out/'pipeline.md').write_text(f"# The main job's stages, ViT-B-16, {os.cpu_count()} cores (native bf16: {'yes' if native_variants({'b': {'precision': 'bf16'}})[0] else 'no'})\n\nMeasured on {sizes} images:\n\n"
+    (out/'pipeline.md').write_text(f"# The main job's stages, ViT-B-16, {os.cpu_count()} cores (precision: auto runs {resolve_precision('auto', 'cpu')} here)\n\nMeasured on {sizes} images:\n\n"
                                    + df.to_markdown(index=False) + f"\n\nProjected minutes at full scale ({FULL_SPLITS}):\n\n" + table.to_markdown() + '\n')
     print(table.to_markdown())
     return df
