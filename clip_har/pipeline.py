@@ -389,7 +389,7 @@ def rehearse_sweep(params:Path, # a rehearsal's params.yaml
     "Give the rehearsal's WiSE-FT search the share of its valid split that the full job's has (600 of 1,889), at least two full batches; the images it gets."
     cfg = load_config(params)
     if cfg.train.wise_images is None: return None
-    n = min(n_valid, max(1, round(n_valid * FULL_SPLITS['sweep'] / FULL_SPLITS['valid']), 2 * cfg.data.batch_size))  # a warm full batch to measure
+    n = min(n_valid, max(round(n_valid * FULL_SPLITS['sweep'] / FULL_SPLITS['valid']), 2 * cfg.data.batch_size))  # a warm full batch to measure
     save_config(load_config(params, {'train.wise_images': n}), params)
     return n
 
