@@ -20,7 +20,8 @@ from .model import (ACTION_TEMPLATES, HAR_PHRASES, backbone_from_meta, check_lab
 
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inputs', 'predict_files', 'predict_distributed',
-           'random_classifier', 'plot_benchmark', 'benchmark_models', 'benchmark_backends', 'benchmark_from_config']
+           'timed_runs', 'random_classifier', 'plot_benchmark', 'benchmark_models', 'benchmark_backends',
+           'benchmark_from_config']
 
 # %% ../nbs/07_inference.ipynb #ec63c011
 class _TorchRunner:
@@ -271,6 +272,15 @@ def predict_distributed(model:str|Path, inputs:Sequence[str], out:str|Path, back
     dist.barrier(); dist.destroy_process_group()
     return merged
 
+# %% ../nbs/07_inference.ipynb #d165a2b7
+def timed_runs(runs:int, # timed calls at batch 1, where the latency percentiles come from
+               bs:int, # the batch size being timed
+               least:int=3, # the fewest timed calls at any batch size
+              ) -> int:
+    "Timed calls at batch size `bs`: `runs` at batch 1, and about `runs` images' worth (at least `least` calls) above it."
+    return runs if bs == 1 else max(least, -(-runs // bs))
+
+
 # %% ../nbs/07_inference.ipynb #0150dbcc
 def _bench_worker(model:str, backend:str, batch_sizes:Sequence[int], runs:int, device:str, providers) -> dict:
     "Time one backend in this (fresh) process; memory is the most the process held above what it held before loading the model."
@@ -283,8 +293,8 @@ def _bench_worker(model:str, backend:str, batch_sizes:Sequence[int], runs:int, d
     res = dict(backend=backend, precision=pred.manifest['precision'], rows=[])
     for bs in batch_sizes:
         x = np.random.default_rng(0).standard_normal((bs, 3, size, size)).astype(np.float32)
-        pred.scores(x); pred.scores(x)  # warm-up
-        n = max(5, runs if bs == 1 else runs * 8 // (bs * 4))
+        pred.scores(x)  # warm-up
+        n = timed_runs(runs, bs)
         times = []
         for _ in range(n):
             t0 = time.perf_counter(); pred.scores(x)
