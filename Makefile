@@ -44,9 +44,9 @@ nbtest: install
 docs: install
 	$(OFFLINE) $(BIN)/python tools/docs.py
 
-## Two workers, one test file each (a file's tests share its fixtures: a server, a demo run): 24 -> 15 minutes on 2 cores.
+## Two workers, one test file each (a file's tests share its fixtures: a server, a demo run); the 30 slowest tests are listed.
 pytest: install
-	$(OFFLINE) $(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=12 -n 2 --dist loadfile
+	$(OFFLINE) $(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=30 -n 2 --dist loadfile
 
 ## After editing notebooks: export the package, clean the notebooks, render the README.
 export: install
@@ -65,8 +65,9 @@ bench-model: install
 bench-infer: install
 	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/clip-har benchmark --set device=cpu --out outputs/benchmark
 
-## The main job's stages with ViT-B-16 on a rehearsal cache (120 har-mini photos), as before / fp32 / bf16 side by side: seconds,
-## images/s and peak memory per stage, projected to the 12,600 Hub images: outputs/benchmark/pipeline/pipeline.md (about 40 minutes)
+## The main job's stages with ViT-B-16 on a rehearsal cache (420 har-mini photos, split 210 / 105 / 105), as before / fp32 /
+## bf16 side by side (bf16 only on CPUs with native bf16): seconds, images/s and peak memory per stage, projected to the
+## 12,600 Hub images: outputs/benchmark/pipeline/pipeline.md (about 45 minutes for before + fp32 on 2 cores)
 bench-pipeline: install
 	$(OFFLINE) CLIP_HAR_BENCH=1 $(BIN)/python -c "from clip_har.pipeline import benchmark_pipeline; benchmark_pipeline()"
 

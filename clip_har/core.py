@@ -417,9 +417,9 @@ def register_test_models() -> str:
     "Register the tiny test CLIP with open_clip (idempotent); return its name."
     import open_clip, tempfile, json
     if open_clip.get_model_config(TINY_MODEL) is None:
-        d = Path(tempfile.mkdtemp(prefix='clip_har_cfg_'))
-        (d/f'{TINY_MODEL}.json').write_text(json.dumps(TINY_MODEL_CFG))
-        open_clip.add_model_config(d/f'{TINY_MODEL}.json')
+        with tempfile.TemporaryDirectory(prefix='clip_har_cfg_') as d:  # open_clip reads the file at once and keeps the config
+            (Path(d)/f'{TINY_MODEL}.json').write_text(json.dumps(TINY_MODEL_CFG))
+            open_clip.add_model_config(Path(d)/f'{TINY_MODEL}.json')
     return TINY_MODEL
 
 # %% ../nbs/00_core.ipynb #f78e8e4a
