@@ -44,9 +44,10 @@ nbtest: install
 docs: install
 	$(OFFLINE) $(BIN)/python tools/docs.py
 
-## Two workers, one test file each (a file's tests share its fixtures: a server, a demo run); the 30 slowest tests are listed.
+## Two workers, one test file each (a file's tests share its fixtures: a server, a demo run), the longest first (conftest.py);
+## the 30 slowest tests are listed.
 pytest: install
-	$(OFFLINE) $(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=30 -n 2 --dist loadfile
+	$(OFFLINE) $(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=30 -n 2 --dist loadfile --no-loadscope-reorder
 
 ## After editing notebooks: export the package, clean the notebooks, render the README.
 export: install

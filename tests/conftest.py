@@ -85,3 +85,14 @@ def stop(proc) -> bool:
     proc.terminate()
     try: return proc.wait(30) in (0, -signal.SIGTERM)
     except subprocess.TimeoutExpired: proc.kill(); raise
+
+## Two workers end together when the longest work starts first. xdist (`--dist loadfile --no-loadscope-reorder`) hands
+## out files in collection order and gives a worker its next file once two or fewer of its tests are left, so the
+## rehearsal's `make run` (about 20 of the suite's 70 minutes of work) runs first on one worker, the demo pipeline's
+## file first on the other, and everything else fills in behind them.
+FIRST = ['test_rehearsal.py::test_make_run_unmodified_on_the_rehearsal_cache', 'test_rehearsal.py', 'test_pipeline.py']
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        return next((i for i, f in enumerate(FIRST) if f in (item.path.name, f'{item.path.name}::{item.name}')), len(FIRST))
+    items.sort(key=rank)  # stable: the rest keep their order

@@ -94,9 +94,10 @@ def test_preprocessing_is_open_clips_reference_transform(hf_home, photos):
     print(f'{len(photos)} photos: per-image mean |diff| vs open_clip mean {per_image.mean():.2e}, worst {worst:.2e} (image_batch, serving, eval_dataloader)')
     assert worst <= 0.01
 
-@pytest.fixture(scope='module')
-def checkout(tmp_path_factory) -> Path:
-    return copy_checkout(tmp_path_factory.mktemp('run')/'repo')
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    "A copy of the checkout of the test's own: `make run` fills one, and the half-filled cache test wants one untouched."
+    return copy_checkout(tmp_path/'repo')
 
 def test_a_half_filled_cache_names_what_is_missing(hf_home, checkout, tmp_path):
     "Dataset without weights, and weights without dataset: `make run`'s first step says which is missing, in seconds."
