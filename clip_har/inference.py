@@ -280,7 +280,6 @@ def timed_runs(runs:int, # timed calls at batch 1, where the latency percentiles
     "Timed calls at batch size `bs`: `runs` at batch 1, and about `runs` images' worth (at least `least` calls) above it."
     return runs if bs == 1 else max(least, -(-runs // bs))
 
-
 # %% ../nbs/07_inference.ipynb #0150dbcc
 def _bench_worker(model:str, backend:str, batch_sizes:Sequence[int], runs:int, device:str, providers) -> dict:
     "Time one backend in this (fresh) process; memory is the most the process held above what it held before loading the model."
