@@ -193,6 +193,7 @@ class ServeConfig(_Section):
     max_pixels: int = Field(40_000_000, ge=1)  # larger images get 413 before they are decoded (decompression bombs)
     max_batch_images: int = Field(64, ge=1)  # images in one POST /predict/batch
     request_timeout_s: float = Field(30.0, gt=0)  # a request still waiting for the model after this gets 503
+    keep_alive_s: int = Field(65, ge=1)  # an idle kept-alive connection closes after this: longer than a load balancer's or client's (AWS ALB: 60 s), so none reuses one being closed
     api_keys: list[str] = []  # X-API-Key values that may predict ([] and no CLIP_HAR_API_KEYS: open); prefer the env var
     admin_keys: list[str] = []  # keys that may also PUT /labels (or CLIP_HAR_ADMIN_KEYS)
     rate_limit: float|None = Field(None, gt=0)  # requests per minute per key (per client address without keys); null: none

@@ -893,7 +893,7 @@ def serve(settings:ServeConfig, # the `serve` section, with `model` set
         h = logging.StreamHandler(); h.setFormatter(logging.Formatter('%(message)s'))
         logging.getLogger('clip_har.access').addHandler(h); logging.getLogger('clip_har.access').propagate = False
     kw = dict(host=settings.host, port=settings.port, log_level=log_level, access_log=False,
-              timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+              timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, timeout_keep_alive=settings.keep_alive_s)
     if settings.workers == 1: return uvicorn.run(create_app(settings), **kw)
     os.environ['CLIP_HAR_SERVE'] = settings.model_dump_json()
     os.environ.setdefault('PROMETHEUS_MULTIPROC_DIR', tempfile.mkdtemp(prefix='clip-har-prom-'))
