@@ -896,25 +896,29 @@ def serve(settings:ServeConfig, # the `serve` section, with `model` set
               timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, timeout_keep_alive=settings.keep_alive_s)
     if settings.workers == 1: return uvicorn.run(create_app(settings), **kw)
     os.environ['CLIP_HAR_SERVE'] = settings.model_dump_json()
-    os.environ.setdefault('PROMETHEUS_MULTIPROC_DIR', tempfile.mkdtemp(prefix='clip-har-prom-'))
-    uvicorn.run('clip_har.serve:app_from_env', factory=True, workers=settings.workers, **kw)
+    run = lambda: uvicorn.run('clip_har.serve:app_from_env', factory=True, workers=settings.workers, **kw)
+    if os.environ.get('PROMETHEUS_MULTIPROC_DIR'): return run()  # the operator's folder: theirs to keep
+    with tempfile.TemporaryDirectory(prefix='clip-har-prom-') as prom:  # the workers' metric files, removed when the service stops
+        os.environ['PROMETHEUS_MULTIPROC_DIR'] = prom
+        try: return run()
+        finally: del os.environ['PROMETHEUS_MULTIPROC_DIR']
 
 # %% ../nbs/09_serve.ipynb #4319bd1d
-def _start_server(model:str, port:int, max_batch:int, max_wait_ms:float, record_url:str|None, timeout:float=180.0):
-    "`clip-har serve` in a subprocess, recording to `record_url` (None: not recording); returns it once /ready answers."
+def _start_server(model:str, port:int, max_batch:int, max_wait_ms:float, record_url:str|None, log:Path, timeout:float=180.0):
+    "`clip-har serve` in a subprocess, recording to `record_url` (None: not recording), its output in `log`; returns it once /ready answers."
     import subprocess, sys, urllib.request
     cmd = [sys.executable, '-c', 'import sys; from clip_har.cli import main; sys.exit(main())', 'serve', '--model', str(model), '--port', str(port), '-q',
            '--set', f'serve.max_batch={max_batch}', '--set', f'serve.max_wait_ms={max_wait_ms}',
            '--set', f'serve.record={record_url is not None}', *(['--set', f'serve.record_url={record_url}'] if record_url else [])]
-    log = tempfile.NamedTemporaryFile('w+', prefix='clip-har-serve-', suffix='.log', delete=False)  # a file, not a pipe: the access log never blocks
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tempfile.gettempdir())  # no params.yaml there: defaults
+    with open(log, 'w') as f:  # a file, not a pipe: the access log never blocks
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=Path(log).parent)  # no params.yaml there: defaults
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None: raise RuntimeError(f'clip-har serve exited: {Path(log.name).read_text()[-2000:]}')
+        if proc.poll() is not None: raise RuntimeError(f'clip-har serve exited: {Path(log).read_text()[-2000:]}')
         try:
             with urllib.request.urlopen(f'http://127.0.0.1:{port}/ready', timeout=2): return proc
         except Exception: time.sleep(0.2)
-    proc.kill(); raise TimeoutError('clip-har serve did not get ready')
+    proc.kill(); raise TimeoutError(f'clip-har serve did not get ready: {Path(log).read_text()[-2000:]}')
 
 # %% ../nbs/09_serve.ipynb #572640d6
 def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
@@ -943,7 +947,7 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
     rows = []
     for mode, max_batch, wait, record in [('batch-1', 1, 0.0, True), ('dynamic', 32, 5.0, True), ('dynamic, not recording', 32, 5.0, False)]:
         port = free_port()
-        proc = _start_server(model, port, max_batch, wait, f'sqlite:///{out}/records-{port}.db' if record else None)
+        proc = _start_server(model, port, max_batch, wait, f'sqlite:///{out}/records-{port}.db' if record else None, out/f'server-{port}.log')
         try:
             load_test(f'http://127.0.0.1:{port}', images, n=32, concurrency=8)  # warm-up
             for c in concurrencies:

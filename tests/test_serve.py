@@ -252,14 +252,17 @@ def test_graceful_shutdown_finishes_in_flight_requests(model):
     assert proc.wait(30) in (0, -signal.SIGTERM)
     with pytest.raises(httpx.ConnectError): httpx.get(url + '/health', timeout=2)
 
-def test_several_workers_share_the_metrics(model):
-    proc, url, _ = start(model, workers=2)
+def test_several_workers_share_the_metrics(model, tmp_path):
+    proc, url, _ = start(model, workers=2, extra_env={'TMPDIR': str(tmp_path)})
     try:
+        prom = lambda: list(tmp_path.glob('clip-har-prom-*'))
+        assert len(prom()) == 1  # the workers' metric files
         with httpx.Client(base_url=url) as c:
             for _ in range(12): assert c.post('/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}).status_code == 200
         line = next(l for l in httpx.get(url + '/metrics').text.splitlines() if l.startswith('clip_har_images_total'))
         assert float(line.split()[-1]) == 12.0, line
     finally: assert stop(proc)
+    assert prom() == []  # removed when the service stops
 
 def test_serve_errors_are_one_line(tmp_path):
     r = subprocess.run([str(BIN/'clip-har'), 'serve', '--model', str(tmp_path/'none.pt')], env=env(), capture_output=True, text=True, timeout=120)
