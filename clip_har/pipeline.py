@@ -322,11 +322,13 @@ def rehearsal_weights(hf_home:str|Path, # becomes HF_HOME
 # %% ../nbs/11_pipeline.ipynb #d08c43bc
 FULL_SPLITS = dict(train=8825, valid=1889, test=1886,  # the Hub dataset's 12,600 labelled images as `prepare` splits them ...
                    sweep=TrainConfig().wise_images)  # ... and the valid images of the WiSE-FT search's passes (600 by default)
+FULL_SPLITS['unswept'] = FULL_SPLITS['valid'] - FULL_SPLITS['sweep']  # the rest, which the pick's confirming pass scores
 
 def task_split(task:str) -> str|None:
     "The split a progress task works through (None: a fixed amount of work, such as an export)."
     t = task.lower()
     if 'export' in t or 'benchmark' in t: return None
+    if 'sweep left out' in t: return 'unswept'
     if 'sweep' in t: return 'sweep'
     if 'valid' in t or 'wise-ft' in t: return 'valid'
     if 'test' in t: return 'test'

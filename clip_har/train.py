@@ -34,7 +34,7 @@ __all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'fly
            'TrainState', 'ProgressReport', 'read_train_checkpoint', 'TowerTop', 'TowerPart', 'cache_depth',
            'FrozenCache', 'frozen_inputs', 'stage_lrs', 'fit_stages', 'fibonacci_argmax', 'wise_ft_state',
            'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog',
-           'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'sweep_subset',
+           'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'sweep_subset', 'stitch_rows',
            'select_wise_ft', 'save_valid_logits', 'saved_valid_logits', 'join_run', 'resume_from', 'record_rank',
            'weights_digest', 'whole_pass', 'ValidLogits', 'final_classifier', 'finish_tracking', 'select_final',
            'train', 'benchmark_training']
@@ -469,6 +469,19 @@ def sweep_subset(y:torch.Tensor, # the validation targets
     except ValueError: idx = np.random.default_rng(seed).choice(len(y), n, replace=False)  # a class too small to stratify
     return np.sort(idx)
 
+# %% ../nbs/05_train.ipynb #c592d37d
+def stitch_rows(part:tuple, # (logits, targets) of the rows at `idx`
+                idx:np.ndarray, # their sorted positions in the whole
+                rest:tuple, # (logits, targets) of every other position, in order
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    "The whole pass's (logits, targets) from a subset's and the rest's: each row back at its position."
+    n = len(idx) + len(rest[1])
+    at = torch.zeros(n, dtype=torch.bool); at[torch.as_tensor(idx)] = True
+    def one(a, b):
+        t = a.new_empty((n, *a.shape[1:])); t[at], t[~at] = a, b.to(a.dtype)
+        return t
+    return one(part[0], rest[0]), one(part[1], rest[1])
+
 # %% ../nbs/05_train.ipynb #778b284d
 def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding the chosen blend
                    zs_state:dict, # its zero-shot weights
@@ -479,18 +492,18 @@ def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding th
                    precision:str='fp32', # of the validation passes
                    known:dict|None=None, # alpha -> (logits, targets) already computed on `dl`
                    search:bool=True, # Fibonacci search (False: score every alpha)
-                   sweep:tuple|None=None, # (DataLoader, positions in `dl`) of the subset the search scores; None: all of `dl`
+                   sweep:tuple|None=None, # (DataLoader, positions in `dl`) of the subset the search scores, and a DataLoader of the rest of `dl`; None: all of `dl`
                   ) -> dict:
     "Search the WiSE-FT blends on validation, keep the best in `model`, save it (with its validation logits) and the curve of those scored."
     ft_state, known = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, dict(known or {})
-    sdl, idx = sweep or (dl, None)
+    sdl, idx, rest = sweep or (dl, None, None)
     part = known if idx is None else {a: (l[idx], y[idx]) for a, (l, y) in known.items()}
     curve = wise_ft_curve(model, zs_state, ft_state, sdl, alphas, precision=precision, search=search, known=part,
                           task='WiSE-FT' if idx is None else 'WiSE-FT sweep')
     logits, best = curve.pop('best_logits'), curve['best_alpha']
     model.load_state_dict(wise_ft_state(zs_state, ft_state, best))
-    if idx is not None:  # the pick, on the whole split
-        logits = known.get(best) or predict_logits(model, dl, False, f'WiSE-FT alpha {best:g} on the whole valid split', precision)
+    if idx is not None:  # the pick, on the whole split: its sweep pass scored the subset, so one pass over the rest completes it
+        logits = known.get(best) or stitch_rows(logits, idx, predict_logits(model, rest, False, f'WiSE-FT alpha {best:g} on the valid images the sweep left out', precision))
         curve.update(sweep_images=len(idx), confirmed_accuracy=float((logits[0].argmax(-1) == logits[1]).float().mean()))
     save_classifier(model, meta | {'wise_alpha': best}, out/'wise_ft.pt')
     save_valid_logits(out/'wise_ft.pt', *logits, precision)
@@ -610,8 +623,8 @@ def select_final(cfg:Config, plain:nn.Module, zs_state:dict|None, clip:Clip, man
     if zs_state is None or cfg.train.head != 'linear':
         save_valid_logits(out/'model.pt', logits, y, precision); return []
     idx = sweep_subset(y, cfg.train.wise_images, cfg.seed)
-    sweep = None if idx is None else (eval_dataloader(valid_rows.iloc[idx], cfg.data.labels, clip.preprocess, cfg.data.batch_size,
-                                                      cfg.data.num_workers, device), idx)
+    rows_dl = lambda ix: eval_dataloader(valid_rows.iloc[ix], cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
+    sweep = None if idx is None else (rows_dl(idx), idx, rows_dl(np.setdiff1d(np.arange(len(valid_rows)), idx)))
     summary['wise_ft'] = select_wise_ft(plain, zs_state, vdl, cfg.train.wise_alphas, meta, out, precision, known={1.0: (logits, y)},
                                         search=cfg.train.wise_search, sweep=sweep)
     summary['final_model'] = 'wise_ft.pt'
