@@ -342,13 +342,15 @@ def stage_costs(progress_file:str|Path, # a stage's progress records
     "A stage's measured seconds, images and images/s, and its seconds projected to `full` split sizes (each task at its warm rate)."
     seen = {}
     if Path(progress_file).is_file():
-        for line in Path(progress_file).read_text().splitlines(): r = json.loads(line); seen.setdefault(r['task'], []).append(r)
+        for line in Path(progress_file).read_text().splitlines():
+            r = json.loads(line)  # fixed work that renames itself as it goes ('benchmark pytorch (1/4)', ...) is one job: keyed by its start
+            seen.setdefault(r['task'] if task_split(r['task']) else ('fixed', r.get('started')), []).append(r)
     count = lambda r: r.get('images') or (r['done'] if r['unit'] == 'images' else 0)
     busy = projected = images = 0.0
-    for task, recs in seen.items():
+    for recs in seen.values():
         r = recs[-1]
         secs = r['t'] - r['started'] if r.get('started') is not None else 0.0
-        split, n = task_split(task), count(r)
+        split, n = task_split(r['task']), count(r)
         busy += secs; images += n
         if not split or not n: projected += secs; continue
         steps = [(b['t'] - a['t'], count(b) - count(a)) for a, b in zip(recs, recs[1:]) if count(b) > count(a) and b['t'] > a['t']]
