@@ -4,9 +4,10 @@
 
 # %% ../nbs/00_core.ipynb #5a8a07da
 from __future__ import annotations
-import difflib, hashlib, json, logging, os, random, sys, threading, time
+import difflib, hashlib, json, logging, os, random, sys, threading, time, uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,9 +18,9 @@ __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'TINY_MODEL', 'TINY_MO
            'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig', 'ServeConfig',
            'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config',
            'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags', 'resolve_precision', 'autocast',
-           'hub_offline', 'hub_reachable', 'register_test_models', 'file_sha256', 'running_benchmarks',
-           'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir',
-           'trained_model_path']
+           'hub_offline', 'hub_reachable', 'register_test_models', 'file_sha256', 'atomic_path', 'atomic_write',
+           'running_benchmarks', 'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir',
+           'har_mini_dir', 'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -430,6 +431,25 @@ def file_sha256(path:str|Path) -> str:
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()
+
+# %% ../nbs/00_core.ipynb #2e248098
+@contextmanager
+def atomic_path(path:str|Path, # the file to write
+               ) -> Iterator[Path]:
+    "A temporary path beside `path`, unique to this process and thread, renamed over `path` when the block succeeds."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
+def atomic_write(path:str|Path, # the file to write
+                 data:bytes|str, # its whole content
+                ) -> Path:
+    "Write `data` to `path` atomically: readers see the old file or the whole new one."
+    with atomic_path(path) as tmp: tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+    return Path(path)
 
 # %% ../nbs/00_core.ipynb #a8efee11
 def running_benchmarks() -> bool:

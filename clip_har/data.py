@@ -104,9 +104,7 @@ def materialize_images(blobs:Sequence[bytes], # encoded image bytes
     for b, n in zip(blobs, names):
         ext = Path(n).suffix.lower() if n and Path(n).suffix.lower() in IMAGE_EXTS else '.jpg'
         p = out/f'{_sha256(b)}{ext}'
-        if not p.exists():
-            tmp = p.with_suffix(p.suffix + '.tmp')
-            tmp.write_bytes(b); tmp.replace(p)
+        if not p.exists(): atomic_write(p, b)
         paths.append(p)
     return paths
 
@@ -371,7 +369,7 @@ def write_manifest(df:pd.DataFrame, path:str|Path) -> Path:
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     out = df[MANIFEST_COLUMNS].copy()
     out['path'] = [os.path.relpath(Path(p).resolve(), path.parent.resolve()) for p in out.path]
-    tmp = path.with_suffix('.tmp'); out.to_csv(tmp, index=False); tmp.replace(path)
+    with atomic_path(path) as tmp: out.to_csv(tmp, index=False)
     return path
 
 # %% ../nbs/01_data.ipynb #342199d8

@@ -212,7 +212,7 @@ def list_inputs(source:str|Path) -> list[str]:
 PRED_COLUMNS = ['path', 'label', 'score', 'top_labels', 'top_scores', 'error']
 
 def _write_atomic(df:pd.DataFrame, out:Path):
-    tmp = out.with_name(out.name + '.tmp'); df.to_parquet(tmp, index=False); tmp.replace(out)
+    with atomic_path(out) as tmp: df.to_parquet(tmp, index=False)
 
 # %% ../nbs/07_inference.ipynb #73135180
 def predict_files(predictor:Predictor, # any backend

@@ -337,8 +337,7 @@ def class_embeddings(clip:Clip, # the model
     path = Path(cache_dir)/'text_embeddings'/f'{key}.pt'
     if path.exists(): return torch.load(path, weights_only=True)
     emb = encode_prompts(clip, prompts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix('.tmp'); torch.save(emb, tmp); tmp.replace(path)
+    with atomic_path(path) as tmp: torch.save(emb, tmp)
     return emb
 
 # %% ../nbs/03_model.ipynb #268ddeff
@@ -513,10 +512,8 @@ def backbone_from_meta(meta:dict, # from `backbone_meta` (older files: model and
 # %% ../nbs/03_model.ipynb #3faa9120
 def atomic_save(obj, path:str|Path) -> Path:
     "`torch.save` to a temporary file, then rename it over `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    torch.save(obj, tmp); os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp: torch.save(obj, tmp)
+    return Path(path)
 
 # %% ../nbs/03_model.ipynb #3c254c7c
 def unwrap(model:nn.Module) -> nn.Module:
