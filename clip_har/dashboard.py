@@ -409,7 +409,8 @@ def feedback_control(self:Dashboard, prediction_id:str|None, # the answer's id (
         except Exception as e:
             note.value = f'<span class="clip-har-feedback-error" style="color:#c22">{html.escape(str(getattr(e, "message", e)))[:300]}</span>'; return
         yes.disabled = fix.disabled = right.disabled = True
-        note.value = (f'<span class="clip-har-feedback-done" data-correct="{str(r["correct"]).lower()}" style="color:#2b6">Thanks: recorded as '
+        note.value = (f'<span class="clip-har-feedback-done" data-correct="{str(r["correct"]).lower()}" style="color:#2b6">'
+                      + ('Already recorded as ' if r.get('repeated') else 'Thanks: recorded as ')
                       + ('right' if r['correct'] else f'wrong (it is {html.escape(label)})') + '</span>')
     yes.on_click(lambda _: send(predicted)); fix.on_click(lambda _: right.value and send(right.value))
     box = W.HBox([W.HTML('<b>Was this right?</b>'), yes, fix, right, note], layout=W.Layout(align_items='center', gap='0.5rem'))

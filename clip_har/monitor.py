@@ -104,7 +104,7 @@ def add_feedback(self, prediction_id:str, # from the prediction's answer
                  label:str, # the right label
                  caller:str|None=None, # who said so (a key's hash or an address)
                 ) -> dict:
-    "Record that `prediction_id`'s true label is `label`; whether the prediction was right. `FeedbackError` on bad feedback."
+    "Record that `prediction_id`'s true label is `label`; whether the prediction was right (`repeated`: recorded before). `FeedbackError` on bad feedback."
     import sqlalchemy as sa
     rec = self.prediction(prediction_id)
     if rec is None: raise FeedbackError(404, f'no prediction {prediction_id!r}: unknown id (or it was never recorded)')
@@ -114,8 +114,13 @@ def add_feedback(self, prediction_id:str, # from the prediction's answer
     row = dict(prediction_id=prediction_id, ts=time.time(), label=label, correct=label == rec['predicted'], caller=caller)
     try:
         with self.engine.begin() as c: c.execute(self.feedback_table.insert(), [row])
-    except sa.exc.IntegrityError: raise FeedbackError(409, f'prediction {prediction_id!r} already has feedback') from None
-    return dict(prediction_id=prediction_id, label=label, predicted=rec['predicted'], correct=row['correct'])
+    except sa.exc.IntegrityError:
+        f = self.feedback_table
+        with self.engine.connect() as c: before = c.execute(sa.select(f.c.label, f.c.correct).where(f.c.prediction_id == prediction_id)).first()
+        if before is None or before.label != label:
+            raise FeedbackError(409, f'prediction {prediction_id!r} already has feedback' + (f' ({before.label!r}), not {label!r}' if before else '')) from None
+        return dict(prediction_id=prediction_id, label=label, predicted=rec['predicted'], correct=bool(before.correct), repeated=True)
+    return dict(prediction_id=prediction_id, label=label, predicted=rec['predicted'], correct=row['correct'], repeated=False)
 
 # %% ../nbs/08b_monitor.ipynb #18be893e
 @patch_to(PredictionStore)

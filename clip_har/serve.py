@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_serve.ipynb #9dbc3cee
 from __future__ import annotations
-import asyncio, base64, binascii, hashlib, hmac, importlib.resources, io, ipaddress, json, logging, os, socket, tempfile, threading, time, uuid
+import asyncio, base64, binascii, datetime, email.utils, hashlib, hmac, importlib.resources, io, ipaddress, json, logging, os, socket, tempfile, threading, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -31,15 +31,15 @@ except ImportError as e: raise ImportError('clip_har.serve needs the serve extra
 
 # %% auto #0
 __all__ = ['AS_USER_JSON', 'AS_USER_UPLOAD', 'ops', 'predict_router', 'images_router', 'video_router', 'labels_router',
-           'feedback_router', 'ROUTERS', 'ServeError', 'b64_image', 'preprocess_images', 'public_address', 'check_url',
-           'pinned_request', 'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction',
-           'PredictResponse', 'BatchResponse', 'PredictRequest', 'BatchRequest', 'LabelsRequest', 'FeedbackRequest',
-           'FeedbackResponse', 'LabelsResponse', 'default_model', 'app_state', 'model_ready', 'user', 'admin',
-           'json_body', 'multipart', 'error_response', 'lifespan', 'api', 'info', 'health', 'ready', 'metrics',
-           'webcam_page', 'webcam', 'classify', 'one', 'predict', 'upload_bytes', 'predict_image', 'predict_batch',
-           'predict_video', 'label_state', 'get_labels', 'put_labels', 'feedback', 'access_log', 'add_middleware',
-           'create_app', 'free_port', 'serve_in_thread', 'ClientError', 'InferenceClient', 'load_test', 'app_from_env',
-           'serve', 'benchmark_serving']
+           'feedback_router', 'ROUTERS', 'IDEMPOTENT_METHODS', 'ServeError', 'b64_image', 'preprocess_images',
+           'public_address', 'check_url', 'pinned_request', 'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches',
+           'RateLimiter', 'Prediction', 'PredictResponse', 'BatchResponse', 'PredictRequest', 'BatchRequest',
+           'LabelsRequest', 'FeedbackRequest', 'FeedbackResponse', 'LabelsResponse', 'default_model', 'app_state',
+           'model_ready', 'user', 'admin', 'json_body', 'multipart', 'error_response', 'lifespan', 'api', 'info',
+           'health', 'ready', 'metrics', 'webcam_page', 'webcam', 'classify', 'one', 'predict', 'upload_bytes',
+           'predict_image', 'predict_batch', 'predict_video', 'label_state', 'get_labels', 'put_labels', 'feedback',
+           'access_log', 'add_middleware', 'create_app', 'free_port', 'serve_in_thread', 'retry_after_s', 'ClientError',
+           'InferenceClient', 'load_test', 'app_from_env', 'serve', 'benchmark_serving']
 
 # %% ../nbs/09_serve.ipynb #9d802508
 class ServeError(Exception):
@@ -309,6 +309,7 @@ class FeedbackResponse(BaseModel):
     label: str
     predicted: str
     correct: bool
+    repeated: bool = Field(False, description='this feedback was recorded before (a retried request): nothing new was stored')
 
 class LabelsResponse(BaseModel):
     "The label set in use, the trained one, and whether they differ."
@@ -442,7 +443,8 @@ def take_feedback(self, prediction_id:str, label:str, caller:str|None) -> dict:
             res = self.store.add_feedback(prediction_id, label, caller)  # its record was still queued
     except FeedbackError as e: raise ServeError(e.status, e.message) from None
     except Exception as e: raise ServeError(503, f'the prediction store is unavailable ({type(e).__name__}); try again later', {'Retry-After': '5'}) from None
-    self.monitor.add_feedback(res['correct']); self.metrics['feedback'].labels(str(res['correct']).lower()).inc(); self.update_gauges()
+    if not res['repeated']:  # a retried request is counted once
+        self.monitor.add_feedback(res['correct']); self.metrics['feedback'].labels(str(res['correct']).lower()).inc(); self.update_gauges()
     return res
 
 # %% ../nbs/09_serve.ipynb #9150071e
@@ -745,6 +747,20 @@ def serve_in_thread(app, host:str='127.0.0.1', port:int|None=None, ready_timeout
     finally:
         server.should_exit = True; t.join(15)
 
+# %% ../nbs/09_serve.ipynb #40c1ad6f
+IDEMPOTENT_METHODS = ('GET', 'HEAD', 'PUT', 'DELETE', 'OPTIONS')  # RFC 9110 9.2.2
+
+def retry_after_s(value:str|None, # a `Retry-After` header: delay-seconds or an HTTP date
+                  now:float|None=None, # unix time (default: now)
+                 ) -> float|None:
+    "The seconds a `Retry-After` header asks a client to wait (RFC 9110 10.2.3); None when absent or unreadable."
+    value = (value or '').strip()
+    if value.isdigit(): return float(value)
+    try: when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError): return None
+    if when.tzinfo is None: when = when.replace(tzinfo=datetime.timezone.utc)  # '-0000' and GMT-less dates are UTC
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
 # %% ../nbs/09_serve.ipynb #92772793
 class ClientError(Exception):
     "The service refused a request: its HTTP status and message."
@@ -759,27 +775,39 @@ class InferenceClient:
                  timeout:float=30.0, # seconds per request
                  retries:int=3, # extra tries on 429, 503 and connection errors
                  backoff:float=0.5, # first wait in seconds; doubles each retry
+                 max_wait:float=60.0, # the longest `Retry-After` waited for; a longer one raises at once
                 ):
         import httpx
         api_key = api_key or os.environ.get('CLIP_HAR_API_KEY')
         self.url, self.retries, self.backoff = url.rstrip('/'), retries, backoff
         self.http = httpx.Client(base_url=self.url, timeout=timeout, headers={'X-API-Key': api_key} if api_key else {})
+        self.max_wait = max_wait
     def __enter__(self): return self
     def __exit__(self, *a): self.close()
     def close(self): self.http.close()
     def __repr__(self): return f'InferenceClient({self.url})'
 
-    def request(self, method:str, path:str, **kw) -> Any:
+    def request(self, method:str, path:str,
+                idempotent:bool|None=None, # safe to send twice (default: GET, HEAD, PUT, DELETE, OPTIONS)
+                **kw) -> Any:
         "Send a request with retries; the decoded JSON (or text), or a `ClientError`."
         import httpx
+        safe = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
         for attempt in range(self.retries + 1):
             wait = self.backoff * 2 ** attempt
             try: r = self.http.request(method, path, **kw)
-            except httpx.TransportError as e:
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:  # never sent
                 if attempt == self.retries: raise ClientError(0, f'{self.url} unreachable: {type(e).__name__}: {e}') from None
                 time.sleep(wait); continue
+            except httpx.TransportError as e:  # sent: the service may have acted on it
+                if not safe or attempt == self.retries:
+                    again = '' if safe else f'; {method} {path} may have reached the service and is not safe to repeat, so it was not sent again'
+                    raise ClientError(0, f'{self.url}: no answer ({type(e).__name__}: {e}){again}') from None
+                time.sleep(wait); continue
             if r.status_code in (429, 503) and attempt < self.retries:
-                time.sleep(max(wait, float(r.headers.get('retry-after') or 0))); continue
+                asked = retry_after_s(r.headers.get('retry-after'))
+                if asked is None or asked <= self.max_wait:
+                    time.sleep(max(wait, asked or 0)); continue
             if r.status_code >= 400:
                 try: msg = r.json().get('error', r.text)
                 except ValueError: msg = r.text
@@ -826,7 +854,7 @@ def feedback(self:InferenceClient, prediction_id:str, # from a prediction's answ
              label:str, # the right label
             ) -> dict:
     "Tell the service what the right label of a prediction was; whether the prediction was right."
-    return self.request('POST', '/feedback', json={'prediction_id': prediction_id, 'label': label})
+    return self.request('POST', '/feedback', idempotent=True, json={'prediction_id': prediction_id, 'label': label})
 
 # %% ../nbs/09_serve.ipynb #7a64f351
 @patch

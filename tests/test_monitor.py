@@ -83,7 +83,7 @@ def test_every_prediction_route_records_once_and_takes_feedback(model, store_url
             top = answers['/predict/image'].json()['predictions'][0]['class_name']
             other = next(l for l in c.get('/labels').json()['labels'] if l != top)
             with InferenceClient(url) as client:
-                assert client.feedback(ids['/predict/image'][0], other) == {'prediction_id': ids['/predict/image'][0], 'label': other, 'predicted': top, 'correct': False}
+                assert client.feedback(ids['/predict/image'][0], other) == {'prediction_id': ids['/predict/image'][0], 'label': other, 'predicted': top, 'correct': False, 'repeated': False}
                 with pytest.raises(ClientError) as e: client.feedback(ids['/predict/image'][0], top)
                 assert e.value.status == 409 and 'already has feedback' in e.value.message
             assert c.post('/feedback', json={'prediction_id': ids['/predict'][0], 'label': top}).status_code == 200
