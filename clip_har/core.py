@@ -69,6 +69,12 @@ class DataConfig(_Section):
     augment: float = Field(0.5, ge=0, le=1)  # train-time augmentation strength, 0 (none) to 1
     balanced_sampler: bool = False  # sample training images with class-balanced weights
 
+    @field_validator('source')
+    @classmethod
+    def _no_blank_source(cls, v):
+        if any(not str(s).strip() for s in ([v] if isinstance(v, str) else v)): raise ValueError('a source is blank')
+        return v
+
     @field_validator('labels')
     @classmethod
     def _unique_labels(cls, v):

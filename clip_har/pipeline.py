@@ -581,21 +581,46 @@ def retrain(folder:str|Path='.', use_dvc:bool=True) -> dict:
     finally: os.chdir(here)
 
 # %% ../nbs/11_pipeline.ipynb #6a84108a
-def add_data_source(params:str|Path, # a params.yaml with a one-line `source:` under `data:`
+def _yaml_child(node, key:str):
+    "The value node of `key` in a composed YAML mapping node (None when absent)."
+    from ruamel.yaml.nodes import MappingNode
+    return next((v for k, v in node.value if getattr(k, 'value', None) == key), None) if isinstance(node, MappingNode) else None
+
+def _with_source(text:str, sources:list[str], new:str) -> str|None:
+    "`text` with `new` added to `data.source` (now `sources`), touching only that value; None when it cannot say where."
+    from ruamel.yaml import YAML
+    from ruamel.yaml.nodes import MappingNode, SequenceNode
+    root = YAML().compose(text)
+    data = _yaml_child(root, 'data'); node = _yaml_child(data, 'source')
+    flow = json.dumps(sources + [new])
+    if node is None:
+        if root is not None and not isinstance(root, MappingNode): return None
+        if data is None: return text + ('' if text.endswith('\n') or not text else '\n') + f'data:\n  source: {flow}\n'
+        if not isinstance(data, MappingNode) or data.flow_style or not data.value: return None
+        first = data.value[0][0].start_mark
+        at = first.index - first.column
+        return text[:at] + ' ' * first.column + f'source: {flow}\n' + text[at:]
+    if isinstance(node, SequenceNode) and not node.flow_style and node.value:  # a block list: one more item line
+        last = node.value[-1]
+        line = text.rfind('\n', 0, last.start_mark.index) + 1
+        eol = text.find('\n', last.end_mark.index)
+        eol = len(text) if eol < 0 else eol + 1
+        item = text[line:text.index('-', line)] + '- ' + json.dumps(new) + '\n'
+        return text[:eol] + ('' if text[:eol].endswith('\n') else '\n') + item + text[eol:]
+    start, end = node.start_mark.index, node.end_mark.index  # a scalar (quoted, plain or folded) or a flow list
+    return text[:start] + flow + ('\n' if text[start:end].endswith('\n') else '') + text[end:]
+
+def add_data_source(params:str|Path, # a params.yaml
                     source:str|Path, # the source to add (kept as given)
                    ) -> list[str]:
-    "Add `source` to `data.source` in `params`, editing only that line; the sources now."
-    import re
-    p = Path(params)
+    "Add `source` to `data.source` in `params`, changing nothing else in the file; the sources now."
+    p, new = Path(params), str(source)
     sources = data_sources(load_config(p).data.source)
-    if str(source) in sources: return sources
-    sources.append(str(source))
-    lines, section = p.read_text().splitlines(keepends=True), None
-    for i, line in enumerate(lines):
-        if re.match(r'[A-Za-z_]\w*:', line): section = line.split(':')[0]
-        m = re.match(r'(\s+source:\s*)([^#\n]*?)(\s*#.*)?$', line.rstrip('\n')) if section == 'data' else None
-        if m and m.group(2).strip():
-            lines[i] = m.group(1) + json.dumps(sources) + (m.group(3) or '') + '\n'
-            p.write_text(''.join(lines)); load_config(p)  # still a valid config
-            return sources
-    raise ConfigError(f'{p}: no one-line `source:` under `data:` to extend; set data.source to a list by hand')
+    if new in sources: return sources
+    text = _with_source(p.read_text(), sources, new)
+    if text is None: raise ConfigError(f'{p}: cannot tell where to add a source to data.source; set it to a list by hand')
+    with atomic_path(p) as tmp:  # the file is replaced only by a valid config that holds the new list
+        tmp.write_text(text)
+        got = data_sources(load_config(tmp).data.source)
+        if got != sources + [new]: raise ConfigError(f'{p}: adding {new!r} to data.source would give {got}, not {sources + [new]}; the file is unchanged')
+    return got
