@@ -34,9 +34,9 @@ __all__ = ['AS_USER_JSON', 'AS_USER_UPLOAD', 'ops', 'predict_router', 'images_ro
            'feedback_router', 'ROUTERS', 'IDEMPOTENT_METHODS', 'ServeError', 'b64_image', 'preprocess_images',
            'public_address', 'check_url', 'pinned_request', 'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches',
            'RateLimiter', 'Prediction', 'PredictResponse', 'BatchResponse', 'PredictRequest', 'BatchRequest',
-           'LabelsRequest', 'FeedbackRequest', 'FeedbackResponse', 'LabelsResponse', 'default_model', 'app_state',
-           'model_ready', 'user', 'admin', 'json_body', 'multipart', 'error_response', 'lifespan', 'api', 'info',
-           'health', 'ready', 'metrics', 'webcam_page', 'webcam', 'classify', 'one', 'predict', 'upload_bytes',
+           'LabelsRequest', 'FeedbackRequest', 'FeedbackResponse', 'LabelsResponse', 'BodyTooLarge', 'default_model',
+           'app_state', 'model_ready', 'user', 'admin', 'json_body', 'multipart', 'error_response', 'lifespan', 'api',
+           'info', 'health', 'ready', 'metrics', 'webcam_page', 'webcam', 'classify', 'one', 'predict', 'upload_bytes',
            'predict_image', 'predict_batch', 'predict_video', 'label_state', 'get_labels', 'put_labels', 'feedback',
            'access_log', 'add_middleware', 'create_app', 'free_port', 'serve_in_thread', 'retry_after_s', 'ClientError',
            'InferenceClient', 'load_test', 'app_from_env', 'serve', 'benchmark_serving']
@@ -336,32 +336,39 @@ def _metrics(registry):
         window=Gauge('clip_har_monitor_window', 'Answers in the drift window', multiprocess_mode='max', registry=registry))
 
 # %% ../nbs/09_serve.ipynb #9a09cb1d
+class BodyTooLarge(HTTPException):
+    "A request body over its route's limit: 413, and the connection closes."
+    def __init__(self, limit:int):
+        super().__init__(413, f'request body over the {limit:,}-byte limit', headers={'Connection': 'close'})
+
 class _BodyLimit:
-    "ASGI middleware: 413 for bodies over the route's limit."
+    "ASGI middleware: 413 for bodies over the route's limit, declared or streamed."
     def __init__(self, app, limit_for:Callable[[str], int]): self.app, self.limit_for = app, limit_for
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http': return await self.app(scope, receive, send)
         limit = self.limit_for(scope['path'])
         length = dict(scope['headers']).get(b'content-length')
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            body = json.dumps({'error': f'request body over the {limit:,}-byte limit', 'status': 413}).encode()
-            await send({'type': 'http.response.start', 'status': 413, 'headers': [(b'content-type', b'application/json'), (b'connection', b'close')]})
-            return await send({'type': 'http.response.body', 'body': body})
-        seen, over = 0, False
-        async def counted():  # past the limit the app sees the body end; its answer is swapped for the 413 below
-            nonlocal seen, over
+        if length is not None and (not length.isdigit() or int(length) > limit): return await self.refuse(send, limit)
+        seen, started = 0, False
+        async def counted():  # the read that passes the limit raises: the handler stops there (an HTTPException, so FastAPI's body parsing passes it on)
+            nonlocal seen
             msg = await receive()
             if msg['type'] == 'http.request':
                 seen += len(msg.get('body', b''))
-                if seen > limit: over = True; return {'type': 'http.request', 'body': b'', 'more_body': False}
+                if seen > limit: raise BodyTooLarge(limit)
             return msg
-        async def guarded(msg):
-            if not over: return await send(msg)
-            if msg['type'] == 'http.response.start':
-                await send({'type': 'http.response.start', 'status': 413, 'headers': [(b'content-type', b'application/json'), (b'connection', b'close')]})
-            elif msg['type'] == 'http.response.body' and not msg.get('more_body'):
-                await send({'type': 'http.response.body', 'body': json.dumps({'error': f'request body over the {limit:,}-byte limit', 'status': 413}).encode()})
-        await self.app(scope, counted, guarded)
+        async def watched(msg):
+            nonlocal started
+            started = started or msg['type'] == 'http.response.start'
+            await send(msg)
+        try: await self.app(scope, counted, watched)
+        except BodyTooLarge:  # not shaped by an app's handlers (a bare ASGI app)
+            if not started: await self.refuse(send, limit)
+    @staticmethod
+    async def refuse(send, limit:int):
+        e = BodyTooLarge(limit)
+        await send({'type': 'http.response.start', 'status': 413, 'headers': [(b'content-type', b'application/json'), (b'connection', b'close')]})
+        await send({'type': 'http.response.body', 'body': json.dumps({'error': e.detail, 'status': 413}).encode()})
 
 # %% ../nbs/09_serve.ipynb #8d17f494
 def default_model(cfg:Config) -> Path:
