@@ -321,7 +321,7 @@ def rehearsal_weights(hf_home:str|Path, # becomes HF_HOME
 
 # %% ../nbs/11_pipeline.ipynb #d08c43bc
 FULL_SPLITS = dict(train=8825, valid=1889, test=1886,  # the Hub dataset's 12,600 labelled images as `prepare` splits them ...
-                   sweep=TrainConfig().wise_images)  # ... and the valid images of the WiSE-FT search's passes (600 by default)
+                   sweep=CPU_COST_DEFAULTS['wise_images'][0])  # ... and the valid images of the WiSE-FT search's passes (600 on a CPU)
 FULL_SPLITS['unswept'] = FULL_SPLITS['valid'] - FULL_SPLITS['sweep']  # the rest, which the pick's confirming pass scores
 
 def task_split(task:str) -> str|None:
@@ -391,7 +391,7 @@ def rehearse_sweep(params:Path, # a rehearsal's params.yaml
                    n_valid:int, # its valid split's size
                   ) -> int|None:
     "Give the rehearsal's WiSE-FT search the share of its valid split that the full job's has (600 of 1,889), at least two full batches; the images it gets."
-    cfg = load_config(params)
+    cfg = resolve_auto_defaults(load_config(params), 'cpu')[0]
     if cfg.train.wise_images is None: return None
     n = min(n_valid, max(round(n_valid * FULL_SPLITS['sweep'] / FULL_SPLITS['valid']), 2 * cfg.data.batch_size))  # a warm full batch to measure
     save_config(load_config(params, {'train.wise_images': n}), params)

@@ -639,6 +639,8 @@ def train(cfg:Config, # all parameters
          ) -> dict:
     "Fine-tune `cfg.model` on the prepared data; return the run's summary."
     mode, device, rank = join_run(cfg)
+    cfg, auto = resolve_auto_defaults(cfg, device)
+    if auto: get_logger('train').info(f"defaults for {device.type}: {', '.join(f'{k}={v}' for k, v in auto.items())} (auto)")
     out = Path(out_dir or Path(cfg.paths.out_dir)/'train')
     manifest = Path(manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv')
     seed_everything(cfg.seed)
@@ -672,7 +674,7 @@ def train(cfg:Config, # all parameters
     try: fit_stages(learn, cfg, state, ckpt.get('opt') if ckpt else None, cbs, precision['valid'])
     except BaseException: tracker.end('FAILED'); raise
     weights = full_state_dict(learn.model)
-    summary = dict(meta, precision=precision, batches=state.batches, epochs=len(state.history), seconds=round(time.time() - t0, 1),
+    summary = dict(meta, precision=precision, auto_defaults=auto, batches=state.batches, epochs=len(state.history), seconds=round(time.time() - t0, 1),
                    world_size=max(1, num_distrib()), distributed=mode, history=state.history)
     if mode: record_rank(out, rank, mode, weights, learn.model, shard_log)
     if rank != 0:
