@@ -34,3 +34,35 @@ def test_every_module_has_a_page(data_page):
     assert len(notebooks) >= 14 and 'index' in notebooks
     missing = [name for name in notebooks if not (DOCS/f'{name}.html').exists()]
     assert not missing, f'notebooks without a page: {missing}'
+
+IMPLEMENTATION_WORDS = ('autocast', 'torch.compile', 'PatchDropout', 'patch_dropout', 'WiSE-FT', 'QuickGELU', 'FLIP', 'papermill kernel')
+
+def test_the_readme_first_screen_is_for_a_newcomer():
+    "The first 40 lines: what it does, a picture, the two commands with what they leave and how long they take; no implementation notes."
+    head = '\n'.join((ROOT/'README.md').read_text().splitlines()[:40])
+    pictures = [line for line in head.splitlines() if line.startswith('![')]
+    assert len(pictures) == 1 and (ROOT/pictures[0].split('](')[1].rstrip(')')).is_file(), pictures
+    assert 'make run' in head and 'make test' in head and 'what it leaves behind' in head
+    assert head.count(' min') >= 3 and 'on a GPU' in head and 'estimate' in head
+    assert not [w for w in IMPLEMENTATION_WORDS if w in head], [w for w in IMPLEMENTATION_WORDS if w in head]
+
+def test_the_index_page_fits_1280_px(chromium):
+    "In chromium 1280 px wide, the docs index does not scroll sideways and shows the two commands whole (a screenshot is kept)."
+    page_file = DOCS/'index.html'
+    if not page_file.exists(): pytest.skip('no built docs: run `make docs` first (`make test` builds them before the tests)')
+    sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed (pip install playwright)')
+    out = ROOT/'outputs'/'screenshots'; out.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=['--no-sandbox', '--disable-gpu'])
+        try:
+            page = browser.new_page(viewport={'width': 1280, 'height': 900})
+            page.goto(page_file.as_uri())
+            page.screenshot(path=str(out/'docs_index.png'))
+            width = page.evaluate('() => [document.documentElement.scrollWidth, window.innerWidth]')
+            commands = page.locator('pre', has_text='make test').first
+            code = commands.evaluate('e => [e.scrollWidth, e.clientWidth, e.getBoundingClientRect().right]')
+            picture = page.locator('img[src*="dashboard"]').first.evaluate('i => [i.naturalWidth, i.getBoundingClientRect().right]')
+        finally: browser.close()
+    assert width[0] <= width[1], f'the page is {width[0]} px wide in a {width[1]} px window'
+    assert code[0] <= code[1] and code[2] <= 1280, f'the two commands are cut: {code[0]} px of code in a {code[1]} px block'
+    assert picture[0] > 1000 and picture[1] <= 1280, picture

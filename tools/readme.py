@@ -1,5 +1,5 @@
 """Render `nbs/index.ipynb` as `README.md` (what `nbdev_readme` does with Quarto, which cannot be installed here)."""
-import json, sys
+import json, re, sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
@@ -19,6 +19,7 @@ def render(nb_path=root/'nbs'/'index.ipynb') -> str:
         if not body: continue
         parts.append(body if c['cell_type'] == 'markdown' else f'```python\n{body}\n```')
     text = '\n\n'.join(parts) + '\n'
+    text = re.sub(r'\]\((images/[^)]+|\w+\.ipynb)\)', r'](nbs/\1)', text)  # links relative to nbs/, as the README sits at the root
     return text.replace('> Human action', 'Human action', 1)
 
 if __name__ == '__main__':
