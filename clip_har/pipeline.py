@@ -621,6 +621,7 @@ def add_data_source(params:str|Path, # a params.yaml
     if text is None: raise ConfigError(f'{p}: cannot tell where to add a source to data.source; set it to a list by hand')
     with atomic_path(p) as tmp:  # the file is replaced only by a valid config that holds the new list
         tmp.write_text(text)
-        got = data_sources(load_config(tmp).data.source)
+        try: got = data_sources(load_config(tmp).data.source)
+        except ConfigError as e: raise ConfigError(f'adding {new!r} to data.source would leave an invalid config, so the file is unchanged: {str(e).replace(str(tmp), str(p))}') from None
         if got != sources + [new]: raise ConfigError(f'{p}: adding {new!r} to data.source would give {got}, not {sources + [new]}; the file is unchanged')
     return got
