@@ -33,7 +33,18 @@ demo: install
 	$(OFFLINE) $(BIN)/clip-har pipeline --demo
 	cd demo && $(OFFLINE) $(abspath $(BIN))/clip-har runs
 
-test: install check nbtest docs pytest
+## Every check, one phase after another, each timed; at the end a table of the phases and the 20 slowest tests
+## (tools/summary.py, from outputs/test-run/), whose last line is pytest's count.
+TEST_RUN := outputs/test-run
+PHASES := install check nbtest docs pytest
+test:
+	@mkdir -p $(TEST_RUN); : > $(TEST_RUN)/phases.tsv; rm -f $(TEST_RUN)/pytest.xml; rc=0; \
+	for phase in $(PHASES); do \
+	  t0=$$(date +%s%N); $(MAKE) --no-print-directory $$phase; rc=$$?; \
+	  printf '%s\t%s\t%s\n' $$phase $$(( ($$(date +%s%N) - t0) / 1000000 )) $$rc >> $(TEST_RUN)/phases.tsv; \
+	  [ $$rc -eq 0 ] || break; \
+	done; \
+	$(PYTHON) tools/summary.py $(TEST_RUN); exit $$rc
 
 check: install
 	$(BIN)/python tools/check_sync.py
@@ -45,9 +56,9 @@ docs: install
 	$(OFFLINE) $(BIN)/python tools/docs.py
 
 ## Two workers, one test file each (a file's tests share its fixtures: a server, a demo run), the longest first (conftest.py);
-## the 30 slowest tests are listed.
+## its JUnit XML feeds `make test`'s summary.
 pytest: install
-	$(OFFLINE) $(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=30 -n 2 --dist loadfile --no-loadscope-reorder
+	$(OFFLINE) $(BIN)/python -m pytest tests -q -p no:cacheprovider --junitxml=$(TEST_RUN)/pytest.xml -n 2 --dist loadfile --no-loadscope-reorder
 
 ## After editing notebooks: export the package, clean the notebooks, render the README.
 export: install

@@ -35,3 +35,16 @@ def test_no_duplicated_blocks_in_the_package():
     r = subprocess.run(['duplicates', '--repo', str(ROOT/'clip_har'), '--most', '50'], capture_output=True, text=True, timeout=120)
     rows = [l for l in r.stdout.splitlines() if l.startswith('D') and '_modidx.py' not in l and 'boilerplate' not in l]
     assert not rows, r.stdout
+
+def test_the_make_test_summary_counts_what_ran(tmp_path):
+    "tools/summary.py: the phases in order with their total, the slowest tests first, and pytest's count as its last line."
+    import summary as ts
+    (tmp_path/'phases.tsv').write_text('install\t1500\t0\ncheck\t2500\t0\npytest\t60000\t1\n')
+    (tmp_path/'pytest.xml').write_text('<testsuites><testsuite>'
+        '<testcase classname="tests.a" name="fast" time="0.5"/><testcase classname="tests.a" name="slow" time="42.0"><failure message="x"/></testcase>'
+        '<testcase classname="tests.b" name="skip" time="0.0"><skipped/></testcase></testsuite></testsuites>')
+    text = ts.summary(tmp_path, slowest=2)
+    assert '| install | 2 | 0.0 | ok |' in text and '| pytest | 60 | 1.0 | failed (1) |' in text and '| **all** | **64** |' in text
+    rows = [l for l in text.splitlines() if l.startswith('| 42.0') or l.startswith('| 0.5') or l.startswith('| 0.0')]
+    assert rows == ['| 42.0 | tests.a::slow | failure |', '| 0.5 | tests.a::fast | passed |'], rows
+    assert text.splitlines()[-1] == 'pytest: 1 passed, 1 failed, 1 skipped'

@@ -1,0 +1,40 @@
+"""The summary `make test` prints at its end: seconds per phase (install, check, nbtest, docs, pytest) and the 20
+slowest tests, from the phase times the Makefile writes and pytest's JUnit XML; the last line is pytest's count.
+Standard library only: it runs even when the install phase failed."""
+import sys, xml.etree.ElementTree as ET
+from pathlib import Path
+
+def phases(folder: Path) -> list[tuple[str, float, int]]:
+    "(phase, seconds, exit status) as the Makefile wrote them."
+    rows = []
+    for line in (folder/'phases.tsv').read_text().splitlines() if (folder/'phases.tsv').exists() else []:
+        name, ms, rc = line.split('\t')
+        rows.append((name, int(ms) / 1000, int(rc)))
+    return rows
+
+def tests(folder: Path) -> list[tuple[float, str, str]]:
+    "(seconds, test id, outcome) of every test in pytest's JUnit XML."
+    f = folder/'pytest.xml'
+    if not f.exists(): return []
+    out = []
+    for case in ET.parse(f).getroot().iter('testcase'):
+        outcome = next((c.tag for c in case if c.tag in ('failure', 'error', 'skipped')), 'passed')
+        out.append((float(case.get('time') or 0), f"{case.get('classname', '')}::{case.get('name', '')}", outcome))
+    return out
+
+def summary(folder: Path, slowest: int = 20) -> str:
+    "The phase table, the slowest tests and pytest's count, as markdown."
+    rows, cases = phases(folder), tests(folder)
+    lines = ['', '## make test: the phases', '', '| phase | seconds | minutes | result |', '|---|---:|---:|---|']
+    lines += [f'| {n} | {s:.0f} | {s / 60:.1f} | {"ok" if rc == 0 else f"failed ({rc})"} |' for n, s, rc in rows]
+    total = sum(s for _, s, _ in rows)
+    lines += [f'| **all** | **{total:.0f}** | **{total / 60:.1f}** | |']
+    if cases:
+        lines += ['', f'## The {min(slowest, len(cases))} slowest tests (setup, call and teardown)', '', '| seconds | test | outcome |', '|---:|---|---|']
+        lines += [f'| {t:.1f} | {name} | {outcome} |' for t, name, outcome in sorted(cases, reverse=True)[:slowest]]
+        n = {k: sum(o == k for *_, o in cases) for k in ('passed', 'failure', 'error', 'skipped')}
+        lines += ['', f"pytest: {n['passed']} passed, {n['failure'] + n['error']} failed, {n['skipped']} skipped"]
+    return '\n'.join(lines)
+
+if __name__ == '__main__':
+    print(summary(Path(sys.argv[1] if len(sys.argv) > 1 else 'outputs/test-run')))
