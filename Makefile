@@ -34,16 +34,21 @@ demo: install
 	cd demo && $(OFFLINE) $(abspath $(BIN))/clip-har runs
 
 ## Every check, one phase after another, each timed; at the end a table of the phases and the 20 slowest tests
-## (tools/summary.py, from outputs/test-run/), whose last line is pytest's count.
+## (tools/summary.py, from outputs/test-run/), whose last line is pytest's count. Every temporary file of the run
+## (pytest's, the notebooks', wandb's, torchrun's, chromium's profiles) goes to one folder, removed at the end, so the
+## run leaves nothing in /tmp; compiled kernels are kept in .cache/torchinductor, shared by the run's processes and the next run.
 TEST_RUN := outputs/test-run
 PHASES := install check nbtest docs pytest
 test:
-	@mkdir -p $(TEST_RUN); : > $(TEST_RUN)/phases.tsv; rm -f $(TEST_RUN)/pytest.xml; rc=0; \
+	@mkdir -p $(TEST_RUN); : > $(TEST_RUN)/phases.tsv; rm -f $(TEST_RUN)/pytest.xml; ls -A /tmp > $(TEST_RUN)/tmp-before.txt; rc=0; \
+	run_tmp=$$(mktemp -d /tmp/clip-har-test-XXXXXX); chmod 1777 $$run_tmp; \
+	export TMPDIR=$$run_tmp TORCHINDUCTOR_CACHE_DIR=$${TORCHINDUCTOR_CACHE_DIR:-$(CURDIR)/.cache/torchinductor}; \
 	for phase in $(PHASES); do \
 	  t0=$$(date +%s%N); $(MAKE) --no-print-directory $$phase; rc=$$?; \
 	  printf '%s\t%s\t%s\n' $$phase $$(( ($$(date +%s%N) - t0) / 1000000 )) $$rc >> $(TEST_RUN)/phases.tsv; \
 	  [ $$rc -eq 0 ] || break; \
 	done; \
+	rm -rf $$run_tmp; ls -A /tmp > $(TEST_RUN)/tmp-after.txt; \
 	$(PYTHON) tools/summary.py $(TEST_RUN); exit $$rc
 
 check: install

@@ -1,5 +1,5 @@
-"""The summary `make test` prints at its end: seconds per phase (install, check, nbtest, docs, pytest) and the 20
-slowest tests, from the phase times the Makefile writes and pytest's JUnit XML; the last line is pytest's count.
+"""The summary `make test` prints at its end: seconds per phase (install, check, nbtest, docs, pytest), what the run
+left in /tmp, and the 20 slowest tests, from the phase times the Makefile writes and pytest's JUnit XML; the last line is pytest's count.
 Standard library only: it runs even when the install phase failed."""
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,13 +22,21 @@ def tests(folder: Path) -> list[tuple[float, str, str]]:
         out.append((float(case.get('time') or 0), f"{case.get('classname', '')}::{case.get('name', '')}", outcome))
     return out
 
+def left_in_tmp(folder: Path) -> list[str]|None:
+    "Names in /tmp after the run that were not there before it (None when the lists are missing)."
+    before, after = folder/'tmp-before.txt', folder/'tmp-after.txt'
+    if not (before.exists() and after.exists()): return None
+    return sorted(set(after.read_text().split('\n')) - set(before.read_text().split('\n')) - {''})
+
 def summary(folder: Path, slowest: int = 20) -> str:
-    "The phase table, the slowest tests and pytest's count, as markdown."
-    rows, cases = phases(folder), tests(folder)
+    "The phase table, what the run left in /tmp, the slowest tests and pytest's count, as markdown."
+    rows, cases, left = phases(folder), tests(folder), left_in_tmp(folder)
     lines = ['', '## make test: the phases', '', '| phase | seconds | minutes | result |', '|---|---:|---:|---|']
     lines += [f'| {n} | {s:.0f} | {s / 60:.1f} | {"ok" if rc == 0 else f"failed ({rc})"} |' for n, s, rc in rows]
     total = sum(s for _, s, _ in rows)
     lines += [f'| **all** | **{total:.0f}** | **{total / 60:.1f}** | |']
+    if left is not None:
+        lines += ['', f"Left in /tmp by the run (or by anything else meanwhile): {len(left)}" + (f": {', '.join(left[:10])}" if left else '')]
     if cases:
         lines += ['', f'## The {min(slowest, len(cases))} slowest tests (setup, call and teardown)', '', '| seconds | test | outcome |', '|---:|---|---|']
         lines += [f'| {t:.1f} | {name} | {outcome} |' for t, name, outcome in sorted(cases, reverse=True)[:slowest]]
