@@ -366,7 +366,7 @@ MANIFEST_COLUMNS = ['path', 'label', 'split', 'sha256', 'width', 'height']
 
 def write_manifest(df:pd.DataFrame, path:str|Path) -> Path:
     "Write a manifest CSV atomically, with paths relative to its folder."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
     out = df[MANIFEST_COLUMNS].copy()
     out['path'] = [os.path.relpath(Path(p).resolve(), path.parent.resolve()) for p in out.path]
     with atomic_path(path) as tmp: out.to_csv(tmp, index=False)

@@ -786,9 +786,8 @@ class InferenceClient:
                 ):
         import httpx
         api_key = api_key or os.environ.get('CLIP_HAR_API_KEY')
-        self.url, self.retries, self.backoff = url.rstrip('/'), retries, backoff
+        self.url, self.retries, self.backoff, self.max_wait = url.rstrip('/'), retries, backoff, max_wait
         self.http = httpx.Client(base_url=self.url, timeout=timeout, headers={'X-API-Key': api_key} if api_key else {})
-        self.max_wait = max_wait
     def __enter__(self): return self
     def __exit__(self, *a): self.close()
     def close(self): self.http.close()
