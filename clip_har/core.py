@@ -15,12 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # %% auto #0
 __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'CPU_COST_DEFAULTS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV',
            'HAR_MINI_MISSING', 'get_logger', 'ClipHarError', 'ConfigError', 'PathsConfig', 'DataConfig', 'ModelConfig',
-           'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig', 'ServeConfig',
-           'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config',
-           'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags', 'resolve_precision', 'autocast',
-           'resolve_auto_defaults', 'hub_offline', 'hub_reachable', 'register_test_models', 'file_sha256',
-           'atomic_path', 'atomic_write', 'running_benchmarks', 'report_progress', 'progress_line', 'ProgressWatcher',
-           'repo_root', 'fixtures_dir', 'har_mini_dir', 'trained_model_path']
+           'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig',
+           'BenchmarkConfig', 'ServeConfig', 'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches',
+           'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags',
+           'resolve_precision', 'autocast', 'resolve_auto_defaults', 'hub_offline', 'hub_reachable',
+           'register_test_models', 'file_sha256', 'atomic_path', 'atomic_write', 'running_benchmarks',
+           'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir',
+           'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -184,6 +185,12 @@ class ExportConfig(_Section):
         'fp32': ParityLimit(max_abs=1e-3, agreement=1.0), 'fp16': ParityLimit(max_abs=0.25, agreement=0.98),
         'int8': ParityLimit(max_abs=None, agreement=0.9)}
 
+# %% ../nbs/00_core.ipynb #6035c2f1
+class BenchmarkConfig(_Section):
+    "The benchmark stage's size: the batch sizes it times and the timed runs at batch 1."
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 8], min_length=1)  # each backend is timed at these; on a GPU add 32
+    runs: int = Field(20, ge=1)  # timed runs at batch 1, where the latency percentiles come from (fewer at larger batches)
+
 # %% ../nbs/00_core.ipynb #553ad8ed
 class ServeConfig(_Section):
     "The prediction service (`clip-har serve`): model, micro-batching, limits, keys, URL input, CORS, prediction records."
@@ -249,6 +256,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     track: TrackConfig = TrackConfig()
     export: ExportConfig = ExportConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
     serve: ServeConfig = ServeConfig()
     retrain: RetrainConfig = RetrainConfig()
     dashboard: DashboardConfig = DashboardConfig()

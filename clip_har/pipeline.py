@@ -52,7 +52,7 @@ STAGES = [
           ['${paths.out_dir}/hub']),
     Stage('export', '06_export.ipynb', ['export'],
           ['export'], ['${paths.data_dir}/prepared', '${paths.out_dir}/train', '${paths.out_dir}/evaluate/reference.json'], ['${paths.out_dir}/export'], '${paths.out_dir}/export', ['${paths.out_dir}/export']),
-    Stage('benchmark', '07_inference.ipynb', ['device'],
+    Stage('benchmark', '07_inference.ipynb', ['device', 'benchmark'],
           ['inference'], ['${paths.out_dir}/train', '${paths.out_dir}/export'], ['${paths.out_dir}/benchmark'], '${paths.out_dir}/benchmark'),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

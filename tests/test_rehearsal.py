@@ -9,7 +9,7 @@ import pytest
 
 from conftest import BIN, ROOT, clip_har, copy_checkout, run
 
-PER_CLASS = 4  # photos per class (each also mirrored): 120 images, the default split 84 / 18 / 18, one batch of 32 fits
+PER_CLASS = 3  # photos per class (each also mirrored): 90 images, the default split 60 / 15 / 15, one batch of 32 fits
 STAGES = ['prepare', 'zeroshot', 'train', 'evaluate', 'export', 'benchmark']
 
 @pytest.fixture(scope='module')
