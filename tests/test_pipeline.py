@@ -45,6 +45,12 @@ def test_the_demo_leaves_every_artifact_and_run_record(demo):
         assert nb['metadata']['papermill']['parameters']['params_file'].endswith('params.yaml')
         assert any(c.get('outputs') for c in nb['cells'] if c['cell_type'] == 'code')
         assert nb['metadata']['clip_har']['test_cells_left_out'] > 0 and not any('test_eq(' in ''.join(c['source']) for c in nb['cells'])
+    shown = {name: json.dumps([o for c in json.loads((demo/'outputs'/'runs'/f'{name}.ipynb').read_text())['cells'] for o in c.get('outputs', [])])
+             for name in RECORDS}  # what each stage showed: its summary line and its plots, as a reader of the record sees them
+    assert 'Data validation' in shown['01_data'] and 'image/png' in shown['01_data']
+    assert 'zero-shot on' in shown['03_model'] and 'image/png' in shown['03_model']
+    assert 'valid accuracy' in shown['05_train'] and 'image/png' in shown['05_train']  # the WiSE-FT curve
+    assert 'clip_har evaluation' in shown['08_evaluate'] and 'id=\\"per-class\\"' in shown['08_evaluate'] and 'data:image/png;base64,' in shown['08_evaluate']
     import mlflow  # the run records are logged to the training run
     run_id = json.loads((demo/'outputs/train/train_metrics.json').read_text())['mlflow_run_id']
     client = mlflow.MlflowClient(f"sqlite:///{demo/'outputs'/'mlflow.db'}")

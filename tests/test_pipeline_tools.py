@@ -1,4 +1,5 @@
-"""The project's machinery, run for real: papermill runs of the stage notebooks and the notebook sync guard (DVC: test_evaluate_tracking)."""
+"""The project's machinery, run for real: the `papermill` command on stage notebooks with its own parameters (the train and
+evaluate notebooks run under papermill in the demo pipeline: test_pipeline.py) and the notebook sync guard."""
 import json, subprocess, sys
 from pathlib import Path
 import nbformat
@@ -8,9 +9,12 @@ from conftest import run, copy_checkout, ROOT, BIN
 from clip_har.core import fixtures_dir
 
 def _papermill(tmp_path, name, *args) -> list[dict]:
-    "Run `nbs/<name>.ipynb` headless with papermill and `args`; return the outputs of its code cells."
-    out_nb = tmp_path/f'{name}.out.ipynb'
-    run(BIN/'papermill', ROOT/'nbs'/f'{name}.ipynb', out_nb, *args, '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
+    """Run `nbs/<name>.ipynb` as a stage runs it (its tests left out: `nbdev_test` runs those) with the `papermill` command
+    and `args`; return the outputs of its code cells."""
+    from clip_har.pipeline import stage_notebook
+    stage_nb, out_nb = tmp_path/f'{name}.ipynb', tmp_path/f'{name}.out.ipynb'
+    nbformat.write(stage_notebook(ROOT/'nbs'/f'{name}.ipynb'), stage_nb)
+    run(BIN/'papermill', stage_nb, out_nb, *args, '--cwd', ROOT/'nbs', '-k', 'python3', check=True, timeout=900)
     nb = nbformat.read(out_nb, as_version=4)
     assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
     return [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
@@ -55,20 +59,3 @@ def test_papermill_runs_the_model_notebook_as_a_zeroshot_stage(tmp_path):
     assert m['split'] == 'valid' and m['smoke_run'] is True and m['n'] > 0
     shown = json.dumps(outputs)
     assert 'zero-shot on' in shown and 'image/png' in shown
-
-def test_papermill_runs_the_train_notebook_as_a_stage(tmp_path):
-    "The train notebook's stage section fine-tunes the tiny model with injected overrides and writes the run folder."
-    outputs = _papermill(tmp_path, '05_train', '-p', 'out_dir', str(tmp_path/'run'),
-                         '-y', 'overrides: {train.stages: [{name: all, train: all, epochs: 2, lr: 0.01}]}')
-    m = json.loads((tmp_path/'run'/'train_metrics.json').read_text())
-    assert m['epochs'] == 2 and (tmp_path/'run'/'wise_ft.png').exists()
-    shown = json.dumps(outputs)
-    assert 'valid accuracy' in shown and 'image/png' in shown
-
-def test_papermill_runs_the_evaluate_notebook_and_shows_the_report(tmp_path):
-    "The evaluate notebook's stage section writes the report folder and shows the HTML report as notebook output."
-    outputs = _papermill(tmp_path, '08_evaluate', '-p', 'out_dir', str(tmp_path/'eval'))
-    m = json.loads((tmp_path/'eval'/'metrics.json').read_text())
-    assert m['split'] == 'test' and m['smoke_run'] is True and (tmp_path/'eval'/'report.html').exists()
-    html = [o['data']['text/html'] for o in outputs if 'text/html' in o.get('data', {})]
-    assert any('clip_har evaluation' in h and 'id="per-class"' in h and 'data:image/png;base64,' in h for h in html)
