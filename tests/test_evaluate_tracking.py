@@ -24,8 +24,8 @@ def _images(n=6) -> list[Path]:
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
-    "har-mini (or the fixtures, with a test split) prepared once for this module."
-    return prepare_real_images(tmp_path_factory.mktemp('eval'))
+    "The fixtures, with a test split, prepared once for this module (what is recorded, reported and refused does not need har-mini)."
+    return prepare_real_images(tmp_path_factory.mktemp('eval'), har_mini=False)
 
 def _wait_http(url, proc, seconds=120):
     deadline = time.time() + seconds
@@ -43,7 +43,8 @@ def mlflow_server(tmp_path):
     port = _free_port()
     proc = subprocess.Popen([str(BIN/'mlflow'), 'server', '--backend-store-uri', f'sqlite:///{tmp_path}/server.db',
                              '--artifacts-destination', str(tmp_path/'artifacts'), '--host', '127.0.0.1', '--port', str(port), '--workers', '1'],
-                            cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION='false'),  # as docker/compose.yaml runs it: no job runner
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f'http://127.0.0.1:{port}'
     try:
         _wait_http(f'{url}/health', proc)

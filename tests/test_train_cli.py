@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import clip_har, env, run, run_paths, prepare_real_images, BIN, ROOT
 
-from clip_har.core import TINY_MODEL, fixtures_dir, har_mini_dir
+from clip_har.core import TINY_MODEL, fixtures_dir
 
 SMOKE = ['--set', f'model.name={TINY_MODEL}', '--set', 'model.pretrained=null', '--set', 'device=cpu', '--set', 'track.backends=[]',
          '--set', 'train.patience=null', '--set', 'data.batch_size=16', '--set', 'train.label_smoothing=0']
@@ -16,12 +16,18 @@ def _stages(epochs, lr=1e-2): return ['--set', f'train.stages=[{{name: all, trai
 _paths = run_paths
 
 @pytest.fixture(scope='module')
-def prepared(tmp_path_factory):
-    "har-mini (or the fixtures) prepared once for this module."
+def prepared_har_mini(tmp_path_factory):
+    "har-mini (or the fixtures) prepared once for this module: for learning, and for a run long enough to kill mid-epoch."
     return prepare_real_images(tmp_path_factory.mktemp('train'), fixture_test_pct=0.0)
 
-def test_tiny_model_learns_on_har_mini(har_mini, prepared):
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+    "The fixtures prepared once for this module: what a run records, refuses and saves does not need har-mini."
+    return prepare_real_images(tmp_path_factory.mktemp('train-fixtures'), fixture_test_pct=0.0, har_mini=False)
+
+def test_tiny_model_learns_on_har_mini(har_mini, prepared_har_mini):
     "3 epochs from random init on CPU: validation accuracy clearly above chance, training loss falls."
+    prepared = prepared_har_mini
     r = clip_har('train', *_paths(prepared), *SMOKE, *_stages(3), '-q')
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout.strip().splitlines()[-1])
@@ -36,8 +42,9 @@ def test_tiny_model_learns_on_har_mini(har_mini, prepared):
 def _last(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location='cpu', weights_only=True)
 
-def test_sigkill_mid_run_then_resume(prepared, tmp_path):
+def test_sigkill_mid_run_then_resume(prepared_har_mini, tmp_path):
     "A run killed with SIGKILL resumes from its last checkpoint and ends with the planned number of batches."
+    prepared = prepared_har_mini
     args = [BIN/'clip-har', 'train', *_paths(prepared), *SMOKE, *_stages(4, 3e-3), '--out', tmp_path/'run', '-q']
     proc = subprocess.Popen([str(a) for a in args], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path/'run'/'checkpoints'/'last.pt'
@@ -109,7 +116,7 @@ def test_mlflow_records_the_run_and_a_dead_server_does_not_stop_training(prepare
     assert 'tracking failed (MLflow at ' in r.stderr and (tmp_path/'dead'/'model.pt').exists()
 
 def _torchrun(prepared, out, mode, epochs=2, bs=None, lr=3e-3):
-    bs = bs or (16 if har_mini_dir() else 4)  # the fixtures give each rank only 15 training images
+    bs = bs or 4  # the fixtures give each rank only 15 training images
     return run(BIN/'torchrun', '--nproc_per_node', '2', '--master_port', str(_free_port()), BIN/'clip-har', 'train',
                *_paths(prepared), *SMOKE, *_stages(epochs, lr), '--set', f'train.distributed={mode}', '--set', f'data.batch_size={bs}',
                '--out', out, '-q', timeout=900, OMP_NUM_THREADS='1')
@@ -121,7 +128,7 @@ def test_ddp_batch_larger_than_a_rank_shard_is_a_clear_error(prepared, tmp_path)
 
 def test_ddp_two_cpu_processes(prepared, tmp_path):
     "DDP on 2 CPU processes (gloo): disjoint data shards, falling loss, identical weights on both ranks."
-    epochs, lr = (2, 3e-3) if har_mini_dir() else (4, 1e-2)  # the 30 fixture images need more steps for a clear trend
+    epochs, lr = 4, 1e-2  # the 30 fixture images need several steps for a clear trend
     r = _torchrun(prepared, tmp_path/'ddp', 'ddp', epochs, lr=lr)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path/'ddp'/f'rank{i}.json').read_text()) for i in (0, 1)]
