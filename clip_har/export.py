@@ -72,6 +72,7 @@ def onnx_session(path:str|Path, precision:str='fp32', providers:Sequence[str]|No
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.intra_op_num_threads = torch.get_num_threads()  # the process's thread budget, as torch's: OMP_NUM_THREADS or torch.set_num_threads sets both
     if precision == 'fp16': so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # ORT 1.31's CPU layout passes crash on fp16 CLIP graphs
     return ort.InferenceSession(str(path), so, providers=list(providers or ['CPUExecutionProvider']))
 
