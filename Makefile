@@ -33,7 +33,7 @@ demo: install
 	$(OFFLINE) $(BIN)/clip-har pipeline --demo
 	cd demo && $(OFFLINE) $(abspath $(BIN))/clip-har runs
 
-## Every check, one phase after another, each timed; at the end a table of the phases and the 20 slowest tests
+## Every check, one phase after another, each timed, disk in use sampled; at the end a table of the phases, the peak disk and the 20 slowest tests
 ## (tools/summary.py, from outputs/test-run/), whose last line is pytest's count. Every temporary file of the run
 ## (pytest's, the notebooks', wandb's, torchrun's, chromium's profiles) goes to one folder, removed at the end, so the
 ## run leaves nothing in /tmp; compiled kernels are kept in .cache/torchinductor, shared by the run's processes and the next run.
@@ -43,12 +43,15 @@ test:
 	@mkdir -p $(TEST_RUN); : > $(TEST_RUN)/phases.tsv; rm -f $(TEST_RUN)/pytest.xml; ls -A /tmp > $(TEST_RUN)/tmp-before.txt; rc=0; \
 	run_tmp=$$(mktemp -d /tmp/clip-har-test-XXXXXX); chmod 1777 $$run_tmp; \
 	export TMPDIR=$$run_tmp TORCHINDUCTOR_CACHE_DIR=$${TORCHINDUCTOR_CACHE_DIR:-$(CURDIR)/.cache/torchinductor}; \
+	disk_kb() { df -Pk . /tmp | awk 'NR > 1 && !seen[$$1]++ {s += $$3} END {print s}'; }; \
+	( while :; do disk_kb; sleep 2; done ) > $(TEST_RUN)/disk-kb.txt & sampler=$$!; \
 	for phase in $(PHASES); do \
 	  t0=$$(date +%s%N); $(MAKE) --no-print-directory $$phase; rc=$$?; \
 	  printf '%s\t%s\t%s\n' $$phase $$(( ($$(date +%s%N) - t0) / 1000000 )) $$rc >> $(TEST_RUN)/phases.tsv; \
+	  [ $$phase = install ] && disk_kb > $(TEST_RUN)/disk-base-kb.txt; \
 	  [ $$rc -eq 0 ] || break; \
 	done; \
-	rm -rf $$run_tmp; ls -A /tmp > $(TEST_RUN)/tmp-after.txt; \
+	kill $$sampler; rm -rf $$run_tmp; ls -A /tmp > $(TEST_RUN)/tmp-after.txt; \
 	$(PYTHON) tools/summary.py $(TEST_RUN); exit $$rc
 
 check: install

@@ -44,7 +44,9 @@ def test_the_make_test_summary_counts_what_ran(tmp_path):
         '<testcase classname="tests.a" name="fast" time="0.5"/><testcase classname="tests.a" name="slow" time="42.0"><failure message="x"/></testcase>'
         '<testcase classname="tests.b" name="skip" time="0.0"><skipped/></testcase></testsuite></testsuites>')
     (tmp_path/'tmp-before.txt').write_text('a\nb\n'); (tmp_path/'tmp-after.txt').write_text('a\nb\ntmpx1wandb-media\n')
+    (tmp_path/'disk-base-kb.txt').write_text('1048576\n'); (tmp_path/'disk-kb.txt').write_text('524288\n1048576\n4194304\n2097152\n')
     text = ts.summary(tmp_path, slowest=2)
+    assert 'Peak disk in use above the installed environment: 3.0 GB' in text
     assert 'Left in /tmp by the run (or by anything else meanwhile): 1: tmpx1wandb-media' in text
     assert '| install | 2 | 0.0 | ok |' in text and '| pytest | 60 | 1.0 | failed (1) |' in text and '| **all** | **64** |' in text
     rows = [l for l in text.splitlines() if l.startswith('| 42.0') or l.startswith('| 0.5') or l.startswith('| 0.0')]

@@ -1,5 +1,5 @@
-"""The summary `make test` prints at its end: seconds per phase (install, check, nbtest, docs, pytest), what the run
-left in /tmp, and the 20 slowest tests, from the phase times the Makefile writes and pytest's JUnit XML; the last line is pytest's count.
+"""The summary `make test` prints at its end: seconds per phase (install, check, nbtest, docs, pytest), the most disk
+the run used above the installed environment, what it left in /tmp, and the 20 slowest tests, from the phase times the Makefile writes and pytest's JUnit XML; the last line is pytest's count.
 Standard library only: it runs even when the install phase failed."""
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,6 +28,13 @@ def left_in_tmp(folder: Path) -> list[str]|None:
     if not (before.exists() and after.exists()): return None
     return sorted(set(after.read_text().split('\n')) - set(before.read_text().split('\n')) - {''})
 
+def peak_disk_gb(folder: Path) -> float|None:
+    "The most disk in use during the run above what was in use once the install phase ended, in GB (None without samples)."
+    base, samples = folder/'disk-base-kb.txt', folder/'disk-kb.txt'
+    if not (base.exists() and samples.exists()): return None
+    used = [int(l) for l in samples.read_text().split() if l.isdigit()]
+    return max([0, *(u - int(base.read_text().split()[0]) for u in used)]) / 2**20
+
 def summary(folder: Path, slowest: int = 20) -> str:
     "The phase table, what the run left in /tmp, the slowest tests and pytest's count, as markdown."
     rows, cases, left = phases(folder), tests(folder), left_in_tmp(folder)
@@ -35,6 +42,8 @@ def summary(folder: Path, slowest: int = 20) -> str:
     lines += [f'| {n} | {s:.0f} | {s / 60:.1f} | {"ok" if rc == 0 else f"failed ({rc})"} |' for n, s, rc in rows]
     total = sum(s for _, s, _ in rows)
     lines += [f'| **all** | **{total:.0f}** | **{total / 60:.1f}** | |']
+    disk = peak_disk_gb(folder)
+    if disk is not None: lines += ['', f'Peak disk in use above the installed environment: {disk:.1f} GB (sampled every 2 s)']
     if left is not None:
         lines += ['', f"Left in /tmp by the run (or by anything else meanwhile): {len(left)}" + (f": {', '.join(left[:10])}" if left else '')]
     if cases:
