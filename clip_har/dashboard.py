@@ -315,6 +315,8 @@ class Dashboard:
         self.webcam = W.HTML()
         self.picker.observe(lambda ch: self.load(ch['new']), 'value')
         self.upload.observe(lambda ch: self.on_upload(ch['new']), 'value')
+        self.batch_zip.observe(lambda ch: ch['new'] and self.say(f"{ch['new'][0]['name']}: {len(ch['new'][0]['content']) / 2**20:.1f} MB "
+                                                                 'uploaded; Predict all reads it'), 'value')  # the page sees it arrive
         self.batch_run.on_click(lambda _: self.run_batch())
         self.labels_apply.on_click(lambda _: self.apply_labels(self.labels_text.value))
         self.labels_reset.on_click(lambda _: self.apply_labels(None))

@@ -117,6 +117,7 @@ def test_the_dashboard_in_chromium(browser, model, tmp_path):
                                   (many, 'the zip has 100,000 members; at most 5,000 are read')):
             with page.expect_file_chooser() as chooser: page.locator('.widget-upload').nth(1).click()
             chooser.value.set_files(str(zip_file))
+            page.wait_for_function(f"document.querySelector('.clip-har-message')?.innerText.includes('{zip_file.name}: ')", timeout=180_000)  # the kernel has the zip
             page.get_by_role('button', name='Predict all').click()
             page.wait_for_function(f"document.querySelector('.clip-har-message')?.innerText.includes({message!r})", timeout=180_000)  # generous: CI runs on a busy machine
             grew = kernel.memory_info().rss - rss
