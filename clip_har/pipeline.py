@@ -46,7 +46,7 @@ STAGES = [
     Stage('zeroshot', '03_model.ipynb', ['seed', 'device', 'model', 'data.batch_size', 'data.num_workers', 'data.labels'],
           ['model'], ['${paths.data_dir}/prepared'], ['${paths.out_dir}/zeroshot'], '${paths.out_dir}/zeroshot'),
     Stage('train', '05_train.ipynb', ['seed', 'device', 'model', 'data', 'train', 'track'],
-          ['model', 'train', 'tracking'], ['${paths.data_dir}/prepared'], ['${paths.out_dir}/train'], '${paths.out_dir}/train'),
+          ['model', 'train', 'tracking'], ['${paths.data_dir}/prepared'], ['${paths.out_dir}/train'], '${paths.out_dir}/train', ['${paths.out_dir}/train']),
     Stage('evaluate', '08_evaluate.ipynb', ['evaluate', 'data.batch_size', 'track'],
           ['evaluate', 'tracking'], ['${paths.data_dir}/prepared', '${paths.out_dir}/train'], ['${paths.out_dir}/evaluate', '${paths.out_dir}/hub'], '${paths.out_dir}/evaluate',
           ['${paths.out_dir}/hub']),

@@ -141,4 +141,7 @@ def test_make_run_unmodified_on_the_rehearsal_cache(hf_home, checkout):
         bench = (out/'benchmark'/'benchmark.md').read_text()
         assert 'onnx-fp32' in bench and all(f"{e['backend']}-{e['precision']}" in bench for e in summary['refused'])
         print((out/'export'/'summary.md').read_text())
+        size = lambda d: sum(f.stat().st_size for f in d.rglob('*') if f.is_file()) / 2**30
+        print(f"outputs/train {size(out/'train'):.2f} GB (not in DVC's cache: {size(checkout/'.dvc'/'cache'):.2f} GB there), outputs/export {size(out/'export'):.2f} GB")
+        assert size(checkout/'.dvc'/'cache') < size(out/'train')  # the training run is recorded by hash, not copied
     finally: shutil.rmtree(checkout, ignore_errors=True)  # several GB (checkpoints, models, exports, DVC's cache) on a disk the next runs share
