@@ -90,7 +90,7 @@ def stop(proc) -> bool:
 
 ## Two workers end together when the longest work starts first. xdist (`--dist loadfile --no-loadscope-reorder`) hands
 ## out files in collection order and gives a worker its next file once two or fewer of its tests are left, so the
-## rehearsal's `make run` (about 15 of the suite's 70 minutes of work) runs first on one worker, the demo pipeline's
+## rehearsal's `make run` (about 8.5 of the suite's 32 minutes of work) runs first on one worker, the demo pipeline's
 ## file first on the other, and everything else fills in behind them.
 FIRST = ['test_rehearsal.py::test_make_run_unmodified_on_the_rehearsal_cache', 'test_rehearsal.py', 'test_pipeline.py']
 
