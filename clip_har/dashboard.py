@@ -315,8 +315,7 @@ class Dashboard:
         self.webcam = W.HTML()
         self.picker.observe(lambda ch: self.load(ch['new']), 'value')
         self.upload.observe(lambda ch: self.on_upload(ch['new']), 'value')
-        self.batch_zip.observe(lambda ch: ch['new'] and self.say(f"{ch['new'][0]['name']}: {len(ch['new'][0]['content']) / 2**20:.1f} MB "
-                                                                 'uploaded; Predict all reads it'), 'value')  # the page sees it arrive
+        self.batch_zip.observe(lambda ch: self.on_batch_zip(ch['new']), 'value')
         self.batch_run.on_click(lambda _: self.run_batch())
         self.labels_apply.on_click(lambda _: self.apply_labels(self.labels_text.value))
         self.labels_reset.on_click(lambda _: self.apply_labels(None))
@@ -348,6 +347,10 @@ class Dashboard:
         "Display the dashboard (in Jupyter or Voila)."
         from IPython.display import display
         display(self.widget)
+
+    def on_batch_zip(self, files):
+        "Say that an uploaded zip has reached the kernel, so the page sees it arrive before Predict all reads it."
+        if files: self.say(f"{files[0]['name']}: {len(files[0]['content']) / 2**20:.1f} MB uploaded; Predict all reads it")
 
     def say(self, text:str, kind:str='info'):
         "Show a message above the tabs (`info`, `warn` or `error`)."

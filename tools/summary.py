@@ -32,8 +32,8 @@ def peak_disk_gb(folder: Path) -> float|None:
     "The most disk in use during the run above what was in use once the install phase ended, in GB (None without samples)."
     base, samples = folder/'disk-base-kb.txt', folder/'disk-kb.txt'
     if not (base.exists() and samples.exists()): return None
-    used = [int(l) for l in samples.read_text().split() if l.isdigit()]
-    return max([0, *(u - int(base.read_text().split()[0]) for u in used)]) / 2**20
+    start = int(base.read_text().split()[0])
+    return max([0, *(int(u) - start for u in samples.read_text().split() if u.isdigit())]) / 2**20
 
 def summary(folder: Path, slowest: int = 20) -> str:
     "The phase table, what the run left in /tmp, the slowest tests and pytest's count, as markdown."
