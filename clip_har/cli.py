@@ -283,6 +283,7 @@ def run_serve(cfg:Config,
     cfg = load_config(params, list(overrides) + [f'serve.{k}={json.dumps(v)}' for k, v in flags.items() if v is not None])
     s = cfg.serve
     if not s.model: s.model = str(default_model(cfg))
+    if s.precision is None: s.precision = cfg.precision
     if s.record and not s.record_url: s.record_url = store_url(cfg)  # an embedded SQLite store under paths.out_dir
     if not s.reference: s.reference = str(Path(cfg.paths.out_dir)/'evaluate'/REFERENCE_FILE)  # used only if it scored this model
     if not Path(s.model).exists(): raise FileNotFoundError(f'{s.model}: no such model file or export folder')

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'CPU_COST_DEFAULTS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV',
-           'HAR_MINI_MISSING', 'get_logger', 'ClipHarError', 'ConfigError', 'PathsConfig', 'DataConfig', 'ModelConfig',
-           'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig',
+           'HAR_MINI_MISSING', 'get_logger', 'ClipHarError', 'ConfigError', 'ServeError', 'PathsConfig', 'DataConfig',
+           'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig',
            'BenchmarkConfig', 'ServeConfig', 'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches',
            'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags',
            'resolve_precision', 'autocast', 'resolve_auto_defaults', 'hub_offline', 'hub_reachable',
@@ -48,6 +48,12 @@ class ClipHarError(Exception):
 
 class ConfigError(ClipHarError, ValueError):
     "A bad `params.yaml` key or value; the message names the key and what is allowed."
+
+class ServeError(Exception):
+    "A request a service refuses: an HTTP status and a message for the caller."
+    def __init__(self, status:int, message:str, headers:dict|None=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra='forbid', validate_assignment=True)
@@ -196,6 +202,7 @@ class ServeConfig(_Section):
     "The prediction service (`clip-har serve`): model, micro-batching, limits, keys, URL input, CORS, prediction records."
     model: str|None = None  # a classifier file or export; null: outputs/export/onnx-fp32 if there, else the trained model
     backend: Literal['pytorch', 'torchscript', 'onnx', 'tensorrt']|None = None  # null: the model's own
+    precision: Literal['auto', 'fp32', 'bf16', 'fp16']|None = None  # a PyTorch model's arithmetic; null: the top-level `precision`
     host: str = '127.0.0.1'
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1)  # uvicorn worker processes, each with its own model

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_serve.ipynb #9dbc3cee
 from __future__ import annotations
-import asyncio, base64, binascii, datetime, email.utils, hashlib, hmac, importlib.resources, io, ipaddress, json, logging, os, socket, tempfile, threading, time, uuid
+import asyncio, base64, datetime, email.utils, hashlib, hmac, importlib.resources, io, ipaddress, json, logging, os, socket, tempfile, threading, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -21,6 +21,7 @@ from .data import ImageDecodeError, ImageTooLargeError, decode_image, image_batc
 from .export import ExportError, export_model
 from .inference import VIDEO_EXTS, Predictor, random_classifier, video_frames
 from .monitor import FeedbackError, LiveMonitor, PredictionStore, Recorder, model_reference, prediction_record
+from .protocol import ServedModel, Tensor, b64_image, binary_infer_request, v2_router
 try:
     from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
@@ -31,36 +32,15 @@ except ImportError as e: raise ImportError('clip_har.serve needs the serve extra
 
 # %% auto #0
 __all__ = ['AS_USER_JSON', 'AS_USER_UPLOAD', 'ops', 'predict_router', 'images_router', 'video_router', 'labels_router',
-           'feedback_router', 'ROUTERS', 'IDEMPOTENT_METHODS', 'ServeError', 'b64_image', 'preprocess_images',
-           'public_address', 'check_url', 'pinned_request', 'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches',
-           'RateLimiter', 'Prediction', 'PredictResponse', 'BatchResponse', 'PredictRequest', 'BatchRequest',
-           'LabelsRequest', 'FeedbackRequest', 'FeedbackResponse', 'LabelsResponse', 'BodyTooLarge', 'default_model',
-           'app_state', 'model_ready', 'user', 'admin', 'json_body', 'multipart', 'error_response', 'lifespan', 'api',
-           'info', 'health', 'ready', 'metrics', 'webcam_page', 'webcam', 'classify', 'one', 'predict', 'upload_bytes',
-           'predict_image', 'predict_batch', 'predict_video', 'label_state', 'get_labels', 'put_labels', 'feedback',
-           'access_log', 'add_middleware', 'create_app', 'free_port', 'serve_in_thread', 'retry_after_s', 'ClientError',
-           'InferenceClient', 'load_test', 'app_from_env', 'serve', 'benchmark_serving']
-
-# %% ../nbs/09_serve.ipynb #9d802508
-class ServeError(Exception):
-    "A request the service refuses: an HTTP status and a message for the caller."
-    def __init__(self, status:int, message:str, headers:dict|None=None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-# %% ../nbs/09_serve.ipynb #42b2d238
-def b64_image(text:str, # base64, or a `data:image/...;base64,` URL
-              name:str='image', # how errors name it
-             ) -> bytes:
-    "The bytes of a base64-encoded image, or a 422 `ServeError`."
-    if not isinstance(text, str) or not text.strip(): raise ServeError(422, f'{name}: empty; send the image as base64')
-    if text.startswith('data:'):
-        head, _, text = text.partition(',')
-        if ';base64' not in head: raise ServeError(422, f'{name}: only base64 data URLs are accepted')
-    try: data = base64.b64decode(''.join(text.split()), validate=True)
-    except (binascii.Error, ValueError): raise ServeError(422, f'{name}: not valid base64') from None
-    if not data: raise ServeError(422, f'{name}: empty (0 bytes)')
-    return data
+           'feedback_router', 'v2', 'ROUTERS', 'IDEMPOTENT_METHODS', 'preprocess_images', 'public_address', 'check_url',
+           'pinned_request', 'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction',
+           'PredictResponse', 'BatchResponse', 'PredictRequest', 'BatchRequest', 'LabelsRequest', 'FeedbackRequest',
+           'FeedbackResponse', 'LabelsResponse', 'BodyTooLarge', 'default_model', 'app_state', 'model_ready', 'user',
+           'admin', 'json_body', 'multipart', 'error_response', 'lifespan', 'api', 'info', 'health', 'ready', 'metrics',
+           'webcam_page', 'webcam', 'decode', 'score', 'classify', 'one', 'predict', 'upload_bytes', 'predict_image',
+           'predict_batch', 'predict_video', 'label_state', 'get_labels', 'put_labels', 'feedback', 'served_model',
+           'infer_v2', 'access_log', 'add_middleware', 'create_app', 'free_port', 'serve_in_thread', 'retry_after_s',
+           'ClientError', 'InferenceClient', 'load_test', 'app_from_env', 'serve', 'benchmark_serving']
 
 # %% ../nbs/09_serve.ipynb #ce26326b
 def preprocess_images(images:Sequence[bytes], # encoded images
@@ -569,22 +549,33 @@ def webcam_page() -> str:
 async def webcam(): return HTMLResponse(webcam_page())
 
 # %% ../nbs/09_serve.ipynb #0ff3180a
-async def classify(request:Request, images:list[bytes], k:int|None, names=None, pool:bool=False, recorded:bytes|None=None) -> dict:
-    "Top-`k` predictions of each image (or of their mean with `pool`, recorded as `recorded`), through the batcher; each answer gets an id."
-    state = app_state(request)
-    pred, t0, s = model_ready(state), time.perf_counter(), state.settings
+async def decode(request:Request, images:Sequence[bytes], names=None) -> np.ndarray:
+    "The preprocessed (N, 3, H, W) batch of encoded `images`, decoded off the event loop while the batcher waits for it."
+    state = app_state(request); pred = model_ready(state)
     with state.batcher.expecting():
-        x = await asyncio.get_running_loop().run_in_executor(state.decoders, preprocess_images, images, pred.preprocess, s.max_pixels, names)
-    t1 = time.perf_counter()
+        return await asyncio.get_running_loop().run_in_executor(state.decoders, preprocess_images, images, pred.preprocess, state.settings.max_pixels, names)
+
+async def score(request:Request, x:np.ndarray, k:int|None, recorded:Sequence[bytes], pool:bool=False, t0:float|None=None) -> tuple:
+    "Probabilities of a preprocessed batch through the batcher (their mean with `pool`), its labels, top-`k` answers, ids (each answer recorded with `recorded`) and timings."
+    state = app_state(request); pred, s, t0 = model_ready(state), state.settings, t0 or time.perf_counter()
     try: probs, labels, timing = await asyncio.wait_for(state.batcher.submit(x), s.request_timeout_s)
     except (TimeoutError, asyncio.TimeoutError):
         raise ServeError(503, f'no answer within {s.request_timeout_s:g} s: the service is overloaded', {'Retry-After': '1'}) from None
     if pool: probs = probs.mean(0, keepdims=True)
-    timings = {'decode_ms': (t1 - t0) * 1000, 'queue_ms': timing['queue_ms'], 'inference_ms': timing['inference_ms'],
-               'total_ms': (time.perf_counter() - t0) * 1000}
     results = pred.top_k(probs, k or s.top_k, labels)
-    ids = state.record(request.url.path, [recorded] if recorded is not None else images, results, labels, timings['total_ms'])
+    timing['total_ms'] = (time.perf_counter() - t0) * 1000
+    ids = state.record(request.url.path, recorded, results, labels, timing['total_ms'])
     request.state.prediction_ids = ids
+    return probs, labels, results, ids, timing
+
+async def classify(request:Request, images:list[bytes], k:int|None, names=None, pool:bool=False, recorded:bytes|None=None) -> dict:
+    "Top-`k` predictions of each image (or of their mean with `pool`, recorded as `recorded`), through the batcher; each answer gets an id."
+    t0 = time.perf_counter()
+    x = await decode(request, images, names)
+    decode_ms = (time.perf_counter() - t0) * 1000
+    _, _, results, ids, timing = await score(request, x, k, [recorded] if recorded is not None else images, pool, t0)
+    pred = app_state(request).predictor
+    timings = {'decode_ms': decode_ms, 'queue_ms': timing['queue_ms'], 'inference_ms': timing['inference_ms'], 'total_ms': timing['total_ms']}
     return dict(results=results, model=pred.manifest['model'], model_version=pred.version, backend=pred.backend,
                 timings_ms={k: round(v, 3) for k, v in timings.items()}, prediction_ids=ids)
 
@@ -685,6 +676,25 @@ async def feedback(body:FeedbackRequest, request:Request):
     return await asyncio.get_running_loop().run_in_executor(None, state.take_feedback, body.prediction_id.strip(), body.label.strip(),
                                                             getattr(request.state, 'caller', None))
 
+# %% ../nbs/09_serve.ipynb #0df7bf08
+def served_model(request:Request) -> ServedModel:
+    "The loaded model as the protocol describes it (a 503 while it loads), with this service's per-request limits."
+    state = app_state(request); p, s = model_ready(state), state.settings
+    return ServedModel(p.manifest['model'], p.version, p.backend, list(p.labels), p.preprocess, s.top_k, s.max_batch_images)
+
+def _npy(x:np.ndarray) -> bytes:
+    b = io.BytesIO(); np.save(b, x); return b.getvalue()
+
+async def infer_v2(request:Request, images:list[bytes]|None, pixels:np.ndarray|None, k:int) -> tuple[np.ndarray, list, list[str]]:
+    "Probabilities, labels and prediction ids for the protocol's images or pixels (pixels are recorded as `.npy` bytes)."
+    t0 = time.perf_counter()
+    if images is not None: x = await decode(request, images, [f'image[{i}]' for i in range(len(images))])
+    else: x = pixels
+    probs, labels, _, ids, _ = await score(request, x, k, images if images is not None else [_npy(p) for p in pixels], t0=t0)
+    return probs, labels, ids
+
+v2 = v2_router(served_model, infer_v2, __version__, [Depends(user)])
+
 # %% ../nbs/09_serve.ipynb #23b70341
 async def access_log(request:Request, call_next):
     "Give the request an id; count, time and log it as one JSON line."
@@ -716,7 +726,7 @@ def add_middleware(app:FastAPI, settings:ServeConfig) -> FastAPI:
     return app
 
 # %% ../nbs/09_serve.ipynb #8b30ab79
-ROUTERS = (ops, predict_router, images_router, video_router, labels_router, feedback_router)
+ROUTERS = (ops, predict_router, images_router, video_router, labels_router, feedback_router, v2)
 
 def create_app(settings:ServeConfig|None=None, # the `serve` section (default: its defaults)
                predictor=None, # a loaded `Predictor`; default: load `settings.model` when the app starts
@@ -725,7 +735,7 @@ def create_app(settings:ServeConfig|None=None, # the `serve` section (default: i
     "The FastAPI app of the prediction service."
     settings = settings or ServeConfig()
     if predictor is None and not settings.model: raise ConfigError('serve.model: no model to serve; pass --model or set serve.model')
-    state = _State(settings, predictor, lambda: Predictor(settings.model, settings.backend))
+    state = _State(settings, predictor, lambda: Predictor(settings.model, settings.backend, precision=settings.precision or 'auto'))
     return add_middleware(api(state, *ROUTERS, load_first=load_first), settings)
 
 # %% ../nbs/09_serve.ipynb #657fe7d9
@@ -891,9 +901,15 @@ def load_test(url:str, # the service's base URL
               images:Sequence[bytes], # encoded images, sent in turn
               n:int=2000, # requests in all
               concurrency:int=32, # requests in flight
-              api_key:str|None=None, timeout:float=60.0) -> dict:
-    "Send `n` `/predict/image` requests, `concurrency` at a time: latency percentiles, requests/s, errors."
+              api_key:str|None=None, timeout:float=60.0,
+              v2_model:str|None=None, # send protocol requests to `/v2/models/<v2_model>/infer` (binary BYTES) instead of uploads
+             ) -> dict:
+    "Send `n` `/predict/image` (or protocol infer) requests, `concurrency` at a time: latency percentiles, requests/s, errors."
     import httpx
+    v2 = [binary_infer_request([Tensor('image', 'BYTES', [1], [im])]) for im in images] if v2_model else None
+    def send(c, i):
+        if v2: return c.post(f'/v2/models/{v2_model}/infer', content=v2[i % len(v2)][0], headers=v2[i % len(v2)][1])
+        return c.post('/predict/image', files={'file': (f'{i}.jpg', images[i % len(images)], 'image/jpeg')})
     async def main():
         lat, statuses, nxt = [], {}, iter(range(n))
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -901,7 +917,7 @@ def load_test(url:str, # the service's base URL
             async def worker():
                 for i in nxt:
                     t0 = time.perf_counter()
-                    try: status = (await c.post('/predict/image', files={'file': (f'{i}.jpg', images[i % len(images)], 'image/jpeg')})).status_code
+                    try: status = (await send(c, i)).status_code
                     except httpx.HTTPError as e: status = type(e).__name__
                     lat.append(time.perf_counter() - t0); statuses[status] = statuses.get(status, 0) + 1
             t0 = time.perf_counter()
@@ -961,10 +977,9 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
                       n:int=400, # requests per run
                       backend:str='onnx', # served backend: 'onnx' (fp32 export) or 'pytorch'
                      ) -> 'pd.DataFrame':
-    "Requests/s and latency with and without dynamic batching, and served / raw `Predictor` throughput."
+    "Requests/s and latency with and without dynamic batching, through the API and the protocol's infer route, and served / raw `Predictor` throughput."
     import pandas as pd, warnings
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    out = out.resolve()
+    out = Path(out_dir).resolve(); out.mkdir(parents=True, exist_ok=True)
     model = random_classifier(name, out/'model.pt')
     imgs = sorted((har_mini_dir() or fixtures_dir()).rglob('*.jpg'))[:64]
     if backend == 'onnx':
@@ -979,13 +994,15 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
     raw = reps * len(images) / (time.perf_counter() - t0)
     del pred
     rows = []
-    for mode, max_batch, wait, record in [('batch-1', 1, 0.0, True), ('dynamic', 32, 5.0, True), ('dynamic, not recording', 32, 5.0, False)]:
+    modes = [('batch-1', 1, 0.0, True, None), ('dynamic', 32, 5.0, True, None), ('dynamic, not recording', 32, 5.0, False, None),
+             ('dynamic, V2 infer', 32, 5.0, True, Predictor(model).manifest['model'])]  # the protocol's route, image as binary BYTES
+    for mode, max_batch, wait, record, v2_model in modes:
         port = free_port()
         proc = _start_server(model, port, max_batch, wait, f'sqlite:///{out}/records-{port}.db' if record else None, out/f'server-{port}.log')
         try:
-            load_test(f'http://127.0.0.1:{port}', images, n=32, concurrency=8)  # warm-up
+            load_test(f'http://127.0.0.1:{port}', images, n=32, concurrency=8, v2_model=v2_model)  # warm-up
             for c in concurrencies:
-                r = load_test(f'http://127.0.0.1:{port}', images, n=n, concurrency=c)
+                r = load_test(f'http://127.0.0.1:{port}', images, n=n, concurrency=c, v2_model=v2_model)
                 rows.append(dict(mode=mode, concurrency=c, **{k: r[k] for k in ('requests', 'errors', 'requests_per_s', 'p50_ms', 'p99_ms')}))
                 print(f"{mode:8} concurrency {c:3}: {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}"
                       + (f" {r['statuses']}" if r['errors'] else ''))
@@ -993,14 +1010,16 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
             proc.terminate(); proc.wait(30)
     df = pd.DataFrame(rows)
     df['served_over_raw'] = df.requests_per_s / raw
-    best, unrecorded = (df[df['mode'] == m].requests_per_s.max() for m in ('dynamic', 'dynamic, not recording'))
+    best, unrecorded, v2 = (df[df['mode'] == m].requests_per_s.max() for m in ('dynamic', 'dynamic, not recording', 'dynamic, V2 infer'))
     summary = dict(model=name, backend=backend, cpu_count=os.cpu_count(), raw_predictor_images_per_s=raw, best_served_requests_per_s=best,
-                   served_over_raw=best / raw, not_recording_over_raw=unrecorded / raw, recording_over_not=best / unrecorded, rows=rows)
+                   served_over_raw=best / raw, not_recording_over_raw=unrecorded / raw, recording_over_not=best / unrecorded,
+                   v2_over_raw=v2 / raw, v2_over_api=v2 / best, rows=rows)
     (out/'serving.json').write_text(json.dumps(summary, indent=2, default=float))
     (out/'serving.md').write_text(f'# Serving {name} ({backend}) on {os.cpu_count()} CPU cores, random weights\n\n'
                                   f'Raw `Predictor` throughput (decoding included, batch 32): {raw:.1f} images/s. '
                                   f'Best served, recording every answer: {best:.1f} requests/s, {best / raw:.2f} of raw; not recording: '
-                                  f'{unrecorded:.1f} requests/s, {unrecorded / raw:.2f} of raw.\n\n' + df.round(3).to_markdown(index=False) + '\n')
+                                  f'{unrecorded:.1f} requests/s, {unrecorded / raw:.2f} of raw. The protocol\'s infer route (V2, binary BYTES): '
+                                  f'{v2:.1f} requests/s, {v2 / raw:.2f} of raw, {v2 / best:.2f} of the API\'s.\n\n' + df.round(3).to_markdown(index=False) + '\n')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for mode, g in df.groupby('mode'):
@@ -1009,5 +1028,6 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
     for ax, yl in zip(axes, ('requests / s', 'p99 latency (ms)')): ax.set_xlabel('concurrency'); ax.set_ylabel(yl); ax.set_xscale('log', base=2); ax.legend()
     fig.suptitle(f'serving {name} ({backend})'); fig.tight_layout(); fig.savefig(out/'serving.png', dpi=100); plt.close(fig)
     print(f'raw Predictor {raw:.1f} images/s; best served {best:.1f} requests/s recording ({best / raw:.2f} of raw), '
-          f'{unrecorded:.1f} not recording ({unrecorded / raw:.2f} of raw): recording keeps {best / unrecorded:.2f} of the throughput')
+          f'{unrecorded:.1f} not recording ({unrecorded / raw:.2f} of raw): recording keeps {best / unrecorded:.2f} of the throughput; '
+          f'V2 infer {v2:.1f} requests/s ({v2 / raw:.2f} of raw, {v2 / best:.2f} of the API route)')
     return df

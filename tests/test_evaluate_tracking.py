@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import clip_har, copy_checkout, env, run, run_paths, prepare_real_images, BIN, ROOT
+from conftest import clip_har, copy_checkout, env, run, run_paths, prepare_real_images, start, stop, BIN, ROOT
 
 from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, har_mini_dir
 
@@ -103,6 +103,18 @@ def test_training_against_a_tracking_server_registers_a_model_that_serves(prepar
         req = urllib.request.Request(f'http://127.0.0.1:{port}/invocations', json.dumps(body).encode(), {'Content-Type': 'application/json'})
         with urllib.request.urlopen(req, timeout=60) as resp: served = json.loads(resp.read())['predictions']
         assert [p['label'] for p in served] == list(preds.label[:2])
+        fixtures = sorted(fixtures_dir().rglob('*.jpg'))  # the registered model, served by MLflow and by `clip-har serve`: the same top-1
+        body = {'dataframe_split': {'columns': ['image'], 'data': [[base64.b64encode(p.read_bytes()).decode()] for p in fixtures]}}
+        req = urllib.request.Request(f'http://127.0.0.1:{port}/invocations', json.dumps(body).encode(), {'Content-Type': 'application/json'})
+        with urllib.request.urlopen(req, timeout=120) as resp: by_mlflow = [p['label'] for p in json.loads(resp.read())['predictions']]
+        registered = next(Path(mlflow.artifacts.download_artifacts('models:/har-clip@champion', dst_path=str(tmp_path/'registered'))).rglob('*.pt'))
+        ours, url, _ = start(registered, 'serve.record=false', 'precision=fp32')  # the arithmetic the pyfunc runs (bf16 on CPUs with it would flip near-ties)
+        try:
+            import httpx
+            by_us = [httpx.post(url + '/predict/image', files={'file': (p.name, p.read_bytes(), 'image/jpeg')}).json()['predictions'][0]['class_name'] for p in fixtures]
+        finally: assert stop(ours)
+        print(f'{len(fixtures)} fixture photos: mlflow models serve and clip-har serve agree on {sum(a == b for a, b in zip(by_mlflow, by_us))}')
+        assert by_mlflow == by_us and len(set(by_us)) > 1
         bad = urllib.request.Request(f'http://127.0.0.1:{port}/invocations', json.dumps({'dataframe_split': {'columns': ['image'], 'data': [['bm90IGFuIGltYWdl']]}}).encode(),
                                      {'Content-Type': 'application/json'})
         with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(bad, timeout=60)
