@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cli.ipynb #d769473c
 from __future__ import annotations
-import argparse, inspect, json, os, sys
+import argparse, inspect, json, os, re, sys
 from pathlib import Path
 from typing import Sequence
 
@@ -13,10 +13,10 @@ from fastcore.docments import docments
 from .core import *
 
 # %% auto #0
-__all__ = ['COMMANDS', 'COMMON', 'SPLITS', 'Arg', 'command', 'add_command', 'build_parser', 'run_command', 'run_validate',
-           'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote', 'run_hub',
-           'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_monitor', 'run_feedback', 'run_dashboard',
-           'run_pipeline_cmd', 'run_retrain', 'main']
+__all__ = ['COMMANDS', 'COMMON', 'SPLITS', 'MODEL_ARG', 'Arg', 'command', 'add_command', 'build_parser', 'run_command',
+           'run_validate', 'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote',
+           'release_model', 'run_hub', 'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_monitor',
+           'run_feedback', 'run_dashboard', 'run_pipeline_cmd', 'run_retrain', 'main']
 
 # %% ../nbs/12_cli.ipynb #30357a0f
 class Arg:
@@ -173,14 +173,34 @@ def run_runs(cfg:Config):
 def run_promote(cfg:Config,
                 version:Arg(positional=True, type=int), # the version of track.register_as to promote
                 alias:str='champion', # the alias to set (default: champion)
+                manifest:str=None, # also write the version into this manifest's --model (docker/k8s/deployment.yaml), ready to commit
+                models_dir:str='/models', # where the models volume is mounted in the API's pods
                ):
-    "`clip-har promote`: point a registry alias (default: champion) at a registered model version"
+    "`clip-har promote`: point a registry alias (default: champion) at a registered model version; print (or, with --manifest, make) the GitOps change that releases it"
     from clip_har.tracking import promote
     if not cfg.track.register_as: raise ConfigError('track.register_as is null: there is no registered model to promote')
     try: promote(cfg.track.mlflow_uri, cfg.track.register_as, version, alias)
     except Exception as e: raise ConfigError(f'cannot promote version {version} of {cfg.track.register_as}: {str(e).splitlines()[0][:300]}') from None
-    print(json.dumps({'model': cfg.track.register_as, 'version': version, 'alias': alias}))
+    model = f'{models_dir.rstrip("/")}/{cfg.track.register_as}/{version}/onnx-fp32'
+    was = release_model(manifest, model) if manifest else None
+    get_logger().info(f'to release it: --model {model} in docker/k8s/deployment.yaml, committed; Argo CD applies it, Argo Rollouts runs the canary'
+                      + (f' (written into {manifest}; it served {was})' if manifest else ' (--manifest writes it)'))
+    print(json.dumps({'model': cfg.track.register_as, 'version': version, 'alias': alias, 'release': {'serve': model, 'manifest': manifest, 'was': was}}))
     return 0
+
+# %% ../nbs/12_cli.ipynb #57c2c354
+MODEL_ARG = re.compile(r'("--model",\s*")([^"]*)(")')  # the API container's model in a manifest: args: ["--model", "..."]
+
+def release_model(manifest:str|Path, # a Kubernetes manifest whose container args name the model (docker/k8s/deployment.yaml)
+                  model:str, # the model folder the API should serve from now on
+                 ) -> str:
+    "Point the `--model` argument in `manifest` at `model`, keeping every other byte; the model it named before."
+    path = Path(manifest)
+    text = path.read_text()
+    found = MODEL_ARG.findall(text)
+    if len(found) != 1: raise ConfigError(f'{path}: expected one `"--model", "<folder>"` container argument, found {len(found)}')
+    path.write_text(MODEL_ARG.sub(lambda m: m.group(1) + model + m.group(3), text))
+    return found[0][1]
 
 # %% ../nbs/12_cli.ipynb #f8caeeaf
 @command

@@ -219,6 +219,7 @@ class ServeConfig(_Section):
     admin_keys: list[str] = []  # keys that may also PUT /labels (or CLIP_HAR_ADMIN_KEYS)
     rate_limit: float|None = Field(None, gt=0)  # requests per minute per key (per client address without keys); null: none
     rate_burst: int = Field(20, ge=1)  # requests allowed at once before the rate applies
+    rate_limit_url: str|None = None  # redis://host:6379/0: the rate-limit buckets shared by every worker and replica; null: each process its own
     cors_origins: list[str] = []  # origins allowed by CORS; [] for none
     allow_urls: bool = False  # let POST /predict fetch image URLs (http/https, public addresses only)
     url_trusted_hosts: list[str] = []  # host names fetched even when they resolve to private addresses

@@ -309,11 +309,15 @@ def _bench_worker(model:str, backend:str, batch_sizes:Sequence[int], runs:int, d
 # %% ../nbs/07_inference.ipynb #f061aefc
 def random_classifier(name:str, # an open_clip model name, e.g. ViT-B-32 or the tiny test model
                       path:str|Path, # where the classifier file goes
-                      seed:int=0) -> Path:
+                      seed:int=0,
+                      zeroshot_init:bool=True, # start the head from the text tower's class embeddings (False: random too, and much quicker for big models)
+                     ) -> Path:
     "A classifier file of `name`'s shapes with random weights and the HAR labels, for benchmarks (same FLOPs as trained)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    clf = clip_classifier(load_clip(name, None), HAR_LABELS, zeroshot_init=True, cache_dir=path.parent/'cache')
+    clf = clip_classifier(load_clip(name, None), HAR_LABELS, zeroshot_init=zeroshot_init, cache_dir=path.parent/'cache')
+    if not zeroshot_init:  # random unit class vectors at CLIP's logit scale: answers that vary by image, as a zero-shot head's do
+        with torch.no_grad(): clf.head.fc.weight.copy_(100 * torch.nn.functional.normalize(torch.randn_like(clf.head.fc.weight), dim=-1))
     save_classifier(clf, dict(model=name, pretrained=None, labels=list(HAR_LABELS), head='linear', loss='ce'), path)
     return path
 

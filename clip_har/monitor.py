@@ -16,9 +16,10 @@ from .core import *
 from .metrics import CONFIDENCE_BINS, prediction_profile, psi, read_reference
 
 # %% auto #0
-__all__ = ['PSI_MODERATE', 'PSI_LARGE', 'FeedbackError', 'PredictionStore', 'prediction_record', 'Recorder', 'LiveMonitor',
-           'psi_verdict', 'drift_scores', 'model_reference', 'monitor_report', 'figure_text', 'report_text',
-           'monitor_figure', 'parse_when', 'store_url', 'open_store', 'export_feedback']
+__all__ = ['REVISIONS', 'HEAD_REVISION', 'PSI_MODERATE', 'PSI_LARGE', 'FeedbackError', 'migrate', 'PredictionStore',
+           'prediction_record', 'Recorder', 'LiveMonitor', 'psi_verdict', 'drift_scores', 'model_reference',
+           'monitor_report', 'figure_text', 'report_text', 'monitor_figure', 'parse_when', 'store_url', 'open_store',
+           'export_feedback']
 
 # %% ../nbs/08b_monitor.ipynb #cc7ce1b8
 class FeedbackError(Exception):
@@ -30,15 +31,46 @@ def _tables():
     import sqlalchemy as sa
     meta = sa.MetaData()
     preds = sa.Table('predictions', meta, sa.Column('id', sa.String(32), primary_key=True), sa.Column('ts', sa.Float, nullable=False, index=True),
-        sa.Column('route', sa.String(32)), sa.Column('model', sa.String(200)), sa.Column('model_version', sa.String(64)),
+        sa.Column('route', sa.String(32)), sa.Column('model', sa.String(200)), sa.Column('model_version', sa.String(64), index=True),
         sa.Column('backend', sa.String(32)), sa.Column('label_set', sa.Text), sa.Column('open_vocabulary', sa.Boolean),
         sa.Column('labels', sa.Text), sa.Column('scores', sa.Text), sa.Column('predicted', sa.String(200)), sa.Column('confidence', sa.Float),
         sa.Column('sha256', sa.String(64), index=True), sa.Column('bytes', sa.Integer), sa.Column('latency_ms', sa.Float),
-        sa.Column('image', sa.LargeBinary, nullable=True))
+        sa.Column('image', sa.LargeBinary, nullable=True), sa.Column('request_id', sa.String(64), nullable=True))  # request_id: revision 0002
     fb = sa.Table('feedback', meta, sa.Column('prediction_id', sa.String(32), sa.ForeignKey('predictions.id'), primary_key=True),
         sa.Column('ts', sa.Float, nullable=False, index=True), sa.Column('label', sa.String(200), nullable=False),
         sa.Column('correct', sa.Boolean, nullable=False), sa.Column('caller', sa.String(64)))
     return meta, preds, fb
+
+# %% ../nbs/08b_monitor.ipynb #6f37389b
+def _to_0002(op):
+    "Revision 0002: each record's request id (the service's JSON log lines carry it), and an index on model_version for per-release queries."
+    import sqlalchemy as sa
+    op.add_column('predictions', sa.Column('request_id', sa.String(64), nullable=True))
+    op.create_index('ix_predictions_model_version', 'predictions', ['model_version'])
+
+REVISIONS = {'0001': ('predictions and feedback, as clip_har made them before revisions', None),
+             '0002': ('predictions.request_id; an index on predictions.model_version', _to_0002)}
+HEAD_REVISION = list(REVISIONS)[-1]
+
+def migrate(engine) -> tuple[str|None, str]:
+    "Bring a store's schema to `HEAD_REVISION` (a new store is created at it); the revision before and after."
+    import sqlalchemy as sa
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+    with engine.begin() as conn:
+        if conn.dialect.name == 'postgresql': conn.execute(sa.text('SELECT pg_advisory_xact_lock(7243311)'))  # one migrator at a time
+        ctx = MigrationContext.configure(conn)
+        before = ctx.get_current_revision()
+        if before is None and not sa.inspect(conn).has_table('predictions'): _tables()[0].create_all(conn)
+        elif before not in REVISIONS and before is not None:  # a newer clip_har migrated it: its revisions only add, so carry on
+            get_logger('monitor').warning(f'the prediction store is at schema revision {before}, newer than this clip_har knows ({HEAD_REVISION})')
+            return before, before
+        else:
+            todo = list(REVISIONS)[list(REVISIONS).index(before or '0001') + 1:]
+            for rev in todo: REVISIONS[rev][1](Operations(ctx))
+        version = sa.Table('alembic_version', sa.MetaData(), sa.Column('version_num', sa.String(32), primary_key=True))  # Alembic's own table
+        version.create(conn, checkfirst=True); conn.execute(version.delete()); conn.execute(version.insert().values(version_num=HEAD_REVISION))
+    return before, HEAD_REVISION
 
 # %% ../nbs/08b_monitor.ipynb #3427642e
 class PredictionStore:
@@ -68,7 +100,7 @@ class PredictionStore:
             engine = sa.create_engine(url, connect_args={'check_same_thread': False, 'timeout': self.connect_timeout})
             sa.event.listen(engine, 'connect', lambda c, _: c.execute('PRAGMA journal_mode=WAL'))
         else: engine = sa.create_engine(url, pool_pre_ping=True, connect_args={'connect_timeout': max(1, int(self.connect_timeout))})
-        self.meta.create_all(engine)
+        migrate(engine)
         return engine
 
 # %% ../nbs/08b_monitor.ipynb #7466c07d
@@ -90,13 +122,16 @@ def prediction_record(prediction_id:str, # the id the caller got
                       image:bytes, # the encoded image (hashed; kept only with `keep_image`)
                       label_set:Sequence[str], # the labels it was scored against
                       open_vocabulary:bool, model:str, model_version:str, backend:str, route:str, latency_ms:float,
-                      keep_image:bool=False, ts:float|None=None) -> dict:
+                      keep_image:bool=False, ts:float|None=None,
+                      request_id:str|None=None, # the request that was answered (its log lines carry it too)
+                     ) -> dict:
     "The `predictions` row of one answered image."
     import hashlib
     return dict(id=prediction_id, ts=time.time() if ts is None else ts, route=route, model=model, model_version=model_version, backend=backend,
                 label_set=json.dumps(list(label_set)), open_vocabulary=bool(open_vocabulary), labels=json.dumps([p['class_name'] for p in top]),
                 scores=json.dumps([round(float(p['score']), 6) for p in top]), predicted=top[0]['class_name'], confidence=float(top[0]['score']),
-                sha256=hashlib.sha256(image).hexdigest(), bytes=len(image), latency_ms=round(float(latency_ms), 3), image=image if keep_image else None)
+                sha256=hashlib.sha256(image).hexdigest(), bytes=len(image), latency_ms=round(float(latency_ms), 3), image=image if keep_image else None,
+                request_id=request_id)
 
 # %% ../nbs/08b_monitor.ipynb #d50ae11e
 @patch_to(PredictionStore)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_serve.ipynb #9dbc3cee
 from __future__ import annotations
-import asyncio, base64, datetime, email.utils, hashlib, hmac, importlib.resources, io, ipaddress, json, logging, os, socket, tempfile, threading, time, uuid
+import asyncio, base64, contextvars, datetime, email.utils, hashlib, hmac, importlib.resources, io, ipaddress, json, logging, os, socket, tempfile, threading, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -32,14 +32,15 @@ except ImportError as e: raise ImportError('clip_har.serve needs the serve extra
 
 # %% auto #0
 __all__ = ['AS_USER_JSON', 'AS_USER_UPLOAD', 'ops', 'predict_router', 'images_router', 'video_router', 'labels_router',
-           'feedback_router', 'v2', 'ROUTERS', 'IDEMPOTENT_METHODS', 'preprocess_images', 'public_address', 'check_url',
-           'pinned_request', 'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches', 'RateLimiter', 'Prediction',
-           'PredictResponse', 'BatchResponse', 'PredictRequest', 'BatchRequest', 'LabelsRequest', 'FeedbackRequest',
-           'FeedbackResponse', 'LabelsResponse', 'BodyTooLarge', 'default_model', 'app_state', 'model_ready', 'user',
-           'admin', 'json_body', 'multipart', 'error_response', 'lifespan', 'api', 'info', 'health', 'ready', 'metrics',
-           'webcam_page', 'webcam', 'decode', 'score', 'classify', 'one', 'predict', 'upload_bytes', 'predict_image',
-           'predict_batch', 'predict_video', 'label_state', 'get_labels', 'put_labels', 'feedback', 'served_model',
-           'infer_v2', 'access_log', 'add_middleware', 'create_app', 'free_port', 'serve_in_thread', 'retry_after_s',
+           'feedback_router', 'v2', 'REQUEST_ID', 'ROUTERS', 'IDEMPOTENT_METHODS', 'preprocess_images',
+           'public_address', 'check_url', 'pinned_request', 'fetch_url', 'MicroBatcher', 'env_keys', 'key_matches',
+           'RateLimiter', 'RedisRateLimiter', 'Prediction', 'PredictResponse', 'BatchResponse', 'PredictRequest',
+           'BatchRequest', 'LabelsRequest', 'FeedbackRequest', 'FeedbackResponse', 'LabelsResponse', 'BodyTooLarge',
+           'default_model', 'app_state', 'model_ready', 'user', 'admin', 'json_body', 'multipart', 'error_response',
+           'lifespan', 'api', 'info', 'health', 'ready', 'metrics', 'webcam_page', 'webcam', 'decode', 'score',
+           'classify', 'one', 'predict', 'upload_bytes', 'predict_image', 'predict_batch', 'predict_video',
+           'label_state', 'get_labels', 'put_labels', 'feedback', 'served_model', 'infer_v2', 'JsonFormatter',
+           'log_config', 'access_log', 'add_middleware', 'create_app', 'free_port', 'serve_in_thread', 'retry_after_s',
            'ClientError', 'InferenceClient', 'load_test', 'app_from_env', 'serve', 'benchmark_serving']
 
 # %% ../nbs/09_serve.ipynb #ce26326b
@@ -233,6 +234,35 @@ class RateLimiter:
             self.buckets[caller] = (tokens, now)
             return (1 - tokens) / self.rate
 
+# %% ../nbs/09_serve.ipynb #f91d2192
+class RedisRateLimiter:
+    "`RateLimiter`'s token buckets kept in Redis, shared by every worker and replica: a caller gets its limit once, not once per process."
+    SCRIPT = '''local t = redis.call('TIME')
+local now, rate, burst = tonumber(t[1]) + tonumber(t[2]) / 1e6, tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = math.min(burst, (tonumber(b[1]) or burst) + math.max(0, now - (tonumber(b[2]) or now)) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return tostring(wait)'''
+    def __init__(self, url:str, # redis://host:6379/0
+                 per_minute:float, burst:int, prefix:str='clip-har:rate:', retry_s:float=5.0):
+        import redis
+        self.rate, self.burst, self.prefix, self.retry_s, self.down_until, self.warned = per_minute / 60, burst, prefix, retry_s, 0.0, 0.0
+        self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.script = self.client.register_script(self.SCRIPT)
+    def retry_after(self, caller:str, now:float|None=None) -> float:
+        "0 if `caller` may go now (and take a token), else the seconds until it may; 0 while Redis is unreachable."
+        import redis
+        if time.monotonic() < self.down_until: return 0.0
+        try: return float(self.script(keys=[self.prefix + caller], args=[self.rate, self.burst]))
+        except redis.RedisError as e:
+            self.down_until = time.monotonic() + self.retry_s
+            if time.monotonic() - self.warned > 60:
+                self.warned = time.monotonic(); get_logger('serve').warning(f'rate limits are not applied: Redis is unreachable ({type(e).__name__}: {e})')
+            return 0.0
+
 # %% ../nbs/09_serve.ipynb #308ce2f4
 class Prediction(BaseModel):
     "One label and its probability."
@@ -364,7 +394,8 @@ class _State:
         self.settings, self.predictor, self.load, self.error = settings, predictor, load, None
         self.api_keys = env_keys('CLIP_HAR_API_KEYS', settings.api_keys)
         self.admin_keys = env_keys('CLIP_HAR_ADMIN_KEYS', settings.admin_keys)
-        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+        self.limiter = None if not settings.rate_limit else RedisRateLimiter(settings.rate_limit_url, settings.rate_limit, settings.rate_burst) \
+            if settings.rate_limit_url else RateLimiter(settings.rate_limit, settings.rate_burst)
         self.registry = CollectorRegistry()
         self.metrics = _metrics(self.registry)
         self.batcher = MicroBatcher(self._score, settings.max_batch, settings.max_wait_ms, self._observe)
@@ -408,7 +439,7 @@ def record(self, route:str, images:Sequence[bytes], results:list, labels:Sequenc
     for pid, image, top in zip(ids, images, results):
         self.monitor.add(top[0]['class_name'], top[0]['score'])
         if self.recorder: self.recorder.put(prediction_record(pid, top, image, labels, p.class_emb is not None, p.manifest['model'], p.version,
-                                                             p.backend, route, latency_ms, self.settings.record_images))
+                                                             p.backend, route, latency_ms, self.settings.record_images, request_id=REQUEST_ID.get()))
     if time.monotonic() - self._gauged > 1.0: self.update_gauges()
     return ids
 
@@ -695,23 +726,48 @@ async def infer_v2(request:Request, images:list[bytes]|None, pixels:np.ndarray|N
 
 v2 = v2_router(served_model, infer_v2, __version__, [Depends(user)])
 
+# %% ../nbs/09_serve.ipynb #8add7ee0
+REQUEST_ID = contextvars.ContextVar('clip_har_request_id', default=None)  # the request being answered, for every line logged meanwhile
+
+class JsonFormatter(logging.Formatter):
+    "One JSON object per log record: time, level, logger, message, the request id where there is one, extra `fields`, a traceback."
+    def format(self, record:logging.LogRecord) -> str:
+        out = {'time': datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec='milliseconds'),
+               'level': record.levelname, 'logger': record.name, 'message': record.getMessage()}
+        if rid := REQUEST_ID.get(): out['request_id'] = rid
+        out.update(getattr(record, 'fields', None) or {})
+        if record.exc_info: out['exception'] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+def log_config(level:str='info', # uvicorn's level (clip_har logs INFO and up, or $CLIP_HAR_LOG_LEVEL)
+              ) -> dict:
+    "`logging.config.dictConfig` settings that make every log line of the service JSON, on stderr."
+    json_out = {'handlers': ['json'], 'propagate': False}
+    return {'version': 1, 'disable_existing_loggers': False, 'formatters': {'json': {'()': JsonFormatter}},
+            'handlers': {'json': {'class': 'logging.StreamHandler', 'formatter': 'json', 'stream': 'ext://sys.stderr'}},
+            'loggers': {'clip_har': {**json_out, 'level': os.environ.get('CLIP_HAR_LOG_LEVEL', 'INFO')}, 'clip_har.access': {'level': 'INFO'},
+                        'uvicorn': {**json_out, 'level': level.upper()}, 'uvicorn.access': {'handlers': [], 'propagate': False}},
+            'root': {'handlers': ['json'], 'level': 'WARNING'}}
+
 # %% ../nbs/09_serve.ipynb #23b70341
 async def access_log(request:Request, call_next):
-    "Give the request an id; count, time and log it as one JSON line."
+    "Give the request an id (logged with every line while it is answered); count, time and log it as one JSON line."
     state = app_state(request)
     request.state.request_id = request.headers.get('x-request-id', '')[:64] or uuid.uuid4().hex[:16]
-    t0 = time.perf_counter()
-    response = await call_next(request)
+    token, t0 = REQUEST_ID.set(request.state.request_id), time.perf_counter()
+    try: response = await call_next(request)
+    except BaseException: REQUEST_ID.reset(token); raise
     secs = time.perf_counter() - t0
     route = getattr(request.scope.get('route'), 'path', 'unmatched')
     state.metrics['requests'].labels(route, request.method, str(response.status_code)).inc()
     state.metrics['latency'].labels(route).observe(secs)
     response.headers['X-Request-ID'] = request.state.request_id
     if getattr(request.state, 'prediction_ids', None): response.headers['X-Prediction-Id'] = ','.join(request.state.prediction_ids)
-    logging.getLogger('clip_har.access').info(json.dumps({
-        'ts': round(time.time(), 3), 'request_id': request.state.request_id, 'method': request.method, 'path': request.url.path,
-        'status': response.status_code, 'ms': round(secs * 1000, 2), 'client': request.client.host if request.client else None,
-        'caller': getattr(request.state, 'caller', None), 'bytes_in': int(request.headers.get('content-length') or 0)}))
+    fields = {'method': request.method, 'path': request.url.path, 'status': response.status_code, 'ms': round(secs * 1000, 2),
+              'client': request.client.host if request.client else None, 'caller': getattr(request.state, 'caller', None),
+              'bytes_in': int(request.headers.get('content-length') or 0)}
+    logging.getLogger('clip_har.access').info(f'{request.method} {request.url.path} {response.status_code}', extra={'fields': fields})
+    REQUEST_ID.reset(token)
     return response
 
 # %% ../nbs/09_serve.ipynb #2c43d380
@@ -932,17 +988,15 @@ def load_test(url:str, # the service's base URL
 # %% ../nbs/09_serve.ipynb #21dd500b
 def app_from_env():
     "The app for uvicorn workers: the settings travel as JSON in `$CLIP_HAR_SERVE`; each loads its model before it takes connections."
+    logging.captureWarnings(True)
     return create_app(ServeConfig.model_validate_json(os.environ['CLIP_HAR_SERVE']), load_first=True)
 
 def serve(settings:ServeConfig, # the `serve` section, with `model` set
           log_level:str='info'):
     "Run the service on uvicorn until SIGTERM/SIGINT; in-flight requests finish first."
-    import uvicorn
-    logging.getLogger('clip_har.access').setLevel(logging.INFO)
-    if not logging.getLogger('clip_har.access').handlers:
-        h = logging.StreamHandler(); h.setFormatter(logging.Formatter('%(message)s'))
-        logging.getLogger('clip_har.access').addHandler(h); logging.getLogger('clip_har.access').propagate = False
-    kw = dict(host=settings.host, port=settings.port, log_level=log_level, access_log=False,
+    import uvicorn, logging.config
+    logging.config.dictConfig(log_config(log_level)); logging.captureWarnings(True)  # every line JSON (uvicorn applies it again in each worker)
+    kw = dict(host=settings.host, port=settings.port, log_level=log_level, access_log=False, log_config=log_config(log_level),
               timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, timeout_keep_alive=settings.keep_alive_s)
     if settings.workers == 1: return uvicorn.run(create_app(settings), **kw)
     os.environ['CLIP_HAR_SERVE'] = settings.model_dump_json()

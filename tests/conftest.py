@@ -1,5 +1,5 @@
 """Shared helpers for the integration tests: they run the real `clip-har` command, papermill, DVC and chromium."""
-import os, shutil, signal, subprocess, sys, time
+import os, shutil, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 import pytest
 
@@ -98,3 +98,66 @@ def pytest_collection_modifyitems(items):
     def rank(item) -> int:
         return next((i for i, f in enumerate(FIRST) if f in (item.path.name, f'{item.path.name}::{item.name}')), len(FIRST))
     items.sort(key=rank)  # stable: the rest keep their order
+
+PROM = ROOT/'docker'/'prometheus'
+
+def eventually(f, timeout=30.0):
+    "Poll `f` until it is truthy; its last value."
+    deadline = time.time() + timeout
+    while not (v := f()) and time.time() < deadline: time.sleep(0.1)
+    return v
+
+def tool(name:str) -> str:
+    "A program from a Debian package (prometheus, promtool, redis-server); the test skips without it."
+    exe = shutil.which(name)
+    if exe is None: pytest.skip(f"no {name} here (apt-get install {'redis-server' if 'redis' in name else 'prometheus'}; .ci/run installs it in CI)")
+    return exe
+
+def drift_reference(model:Path, folder:Path, photos:list) -> list[bytes]:
+    "Write the model's reference.json (its profile on `photos`) into `folder`; the photos of its most predicted class."
+    import json, numpy as np
+    from clip_har.core import file_sha256
+    from clip_har.data import image_batch
+    from clip_har.inference import Predictor
+    from clip_har.metrics import monitor_reference
+    pred = Predictor(model)
+    probs = pred.scores(image_batch(photos, pred.preprocess).numpy())
+    (folder/'reference.json').write_text(json.dumps(monitor_reference(probs, pred.labels, 'test', file_sha256(model))))
+    top = probs.argmax(1)
+    return [p.read_bytes() for p, t in zip(photos, top) if t == np.bincount(top).argmax()]
+
+def start_prometheus(folder:Path, targets:dict):
+    "A real Prometheus on loopback scraping each `host:port` in `targets` every second (with its labels) under clip-har's rules; (process, query URL)."
+    import json
+    from clip_har.serve import free_port
+    port = free_port()
+    static = [{'targets': [t], 'labels': labels} for t, labels in targets.items()]
+    (folder/'prometheus.yml').write_text(json.dumps({'global': {'scrape_interval': '1s', 'evaluation_interval': '1s'}, 'rule_files': [str(PROM/'alerts.yml')],
+                                                     'scrape_configs': [{'job_name': 'clip-har', 'static_configs': static}]}))  # JSON is YAML
+    proc = subprocess.Popen([tool('prometheus'), f'--config.file={folder}/prometheus.yml', f'--storage.tsdb.path={folder}/tsdb',
+                             f'--web.listen-address=127.0.0.1:{port}'], stdout=open(folder/'prometheus.log', 'w'), stderr=subprocess.STDOUT)
+    return proc, f'http://127.0.0.1:{port}/api/v1/query'
+
+class Postgres:
+    "A throwaway PostgreSQL cluster of Debian's packages on a loopback port (run as the postgres user when we are root)."
+    def __init__(self, bindir:Path):
+        from clip_har.serve import free_port
+        self.bindir, self.dir, self.port = bindir, Path(tempfile.mkdtemp(prefix='clip-har-pg-')), free_port()
+        self.as_user = []
+        if os.geteuid() == 0: shutil.chown(self.dir, 'postgres'); self.as_user = ['runuser', '-u', 'postgres', '--']
+        run(*self.as_user, bindir/'initdb', '-D', self.dir/'data', '-U', 'clip', '--auth=trust', '-E', 'UTF8', check=True)
+        self.url = f'postgresql+psycopg://clip@127.0.0.1:{self.port}/postgres'
+    def ctl(self, *args):
+        return run(*self.as_user, self.bindir/'pg_ctl', '-D', self.dir/'data', '-l', self.dir/'log', '-w',
+                   '-o', f'-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1', *args, check=True)
+
+@pytest.fixture(scope='module')
+def postgres():
+    "A real PostgreSQL server; the tests that need it skip where it is not installed."
+    found = shutil.which('initdb') or next(iter(sorted(Path('/usr/lib/postgresql').glob('*/bin/initdb'))), None)
+    if not found: pytest.skip('PostgreSQL is not installed here (apt-get install postgresql; .ci/run installs it in CI)')
+    pg = Postgres(Path(found).resolve().parent)
+    pg.ctl('start')
+    yield pg
+    pg.ctl('stop', '-m', 'immediate'); shutil.rmtree(pg.dir, ignore_errors=True)
+

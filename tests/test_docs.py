@@ -66,3 +66,19 @@ def test_the_index_page_fits_1280_px(chromium):
     assert width[0] <= width[1], f'the page is {width[0]} px wide in a {width[1]} px window'
     assert code[0] <= code[1] and code[2] <= 1280, f'the two commands are cut: {code[0]} px of code in a {code[1]} px block'
     assert picture[0] > 1000 and picture[1] <= 1280, picture
+
+def test_the_release_flow_picture_renders(chromium):
+    "The pipeline page shows the release flow (stable, canary, analysis, promote or roll back) as a picture, drawn by chromium."
+    page = DOCS/'11_pipeline.html'
+    if not page.exists(): pytest.skip('no built docs: run `make docs` first (`make test` builds them before the tests)')
+    dom = _chromium(chromium, '--dump-dom', page.as_uri()).stdout
+    assert 'release-flow.svg' in dom and (DOCS/'images'/'release-flow.svg').exists()
+    svg = (DOCS/'images'/'release-flow.svg').read_text()
+    assert all(w in svg for w in ('track=stable', 'track=canary', 'Analysis', 'Promote', 'Roll back'))
+    shot = ROOT/'outputs'/'screenshots'/'release_flow.png'; shot.parent.mkdir(parents=True, exist_ok=True)
+    _chromium(chromium, f'--screenshot={shot}', '--window-size=1000,340', (DOCS/'images'/'release-flow.svg').as_uri())
+    from PIL import Image
+    import numpy as np
+    px = np.asarray(Image.open(shot).convert('RGB')).astype(int)
+    green = ((px[..., 1] - px[..., 0]) > 8).mean(); red = ((px[..., 0] - px[..., 1]) > 8).mean()
+    assert green > 0.005 and red > 0.005, (green, red)  # the promote and roll-back boxes were drawn

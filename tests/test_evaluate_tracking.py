@@ -80,7 +80,10 @@ def test_training_against_a_tracking_server_registers_a_model_that_serves(prepar
     table = clip_har('runs', *track, '-q')
     versions = table.stdout.split('Registered versions')[1]
     assert table.returncode == 0 and summary['mlflow_run_id'] in table.stdout and re.search(r'\|\s+1\s+\|\s+candidate,champion', versions), table.stdout
-    assert clip_har('promote', '1', '--alias', 'production', *track, '-q').returncode == 0
+    (tmp_path/'deployment.yaml').write_text((ROOT/'docker'/'k8s'/'deployment.yaml').read_text())  # the GitOps change a promotion makes
+    promoted = clip_har('promote', '1', '--alias', 'production', '--manifest', tmp_path/'deployment.yaml', *track, '-q')
+    assert promoted.returncode == 0 and json.loads(promoted.stdout.splitlines()[-1])['release']['was'] == '/models/onnx-fp32', promoted.stderr
+    assert yaml.safe_load((tmp_path/'deployment.yaml').read_text())['spec']['template']['spec']['containers'][0]['args'][:2] == ['--model', '/models/har-clip/1/onnx-fp32']
     assert client.get_model_version_by_alias('har-clip', 'production').version == '1'
     bad = clip_har('promote', '99', *track, '-q')
     assert bad.returncode == 2 and 'cannot promote version 99 of har-clip' in bad.stderr, bad.stderr

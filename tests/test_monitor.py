@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx, numpy as np, pytest
 from PIL import Image
 
-from conftest import ROOT, clip_har, run, start, stop
-from clip_har.core import TINY_MODEL, file_sha256, fixtures_dir
+from conftest import ROOT, PROM, clip_har, drift_reference, eventually, run, start, start_prometheus, stop, tool
+from clip_har.core import HAR_LABELS, TINY_MODEL, file_sha256, fixtures_dir
 from clip_har.data import image_batch
 from clip_har.inference import Predictor, random_classifier
 from clip_har.metrics import monitor_reference
@@ -26,37 +26,9 @@ def metric(url:str, name:str) -> float:
         if line.startswith(name + ' ') or line.startswith(name + '{') and line.split(' ')[0] == name: return float(line.split()[-1])
     return 0.0
 
-def eventually(f, timeout=30.0):
-    "Poll `f` until it is truthy; its last value."
-    deadline = time.time() + timeout
-    while not (v := f()) and time.time() < deadline: time.sleep(0.1)
-    return v
-
 @pytest.fixture(scope='module')
 def model(tmp_path_factory) -> Path:
     return random_classifier(TINY_MODEL, tmp_path_factory.mktemp('monitor')/'model.pt')
-
-class Postgres:
-    "A throwaway PostgreSQL cluster of Debian's packages on a loopback port (run as the postgres user when we are root)."
-    def __init__(self, bindir:Path):
-        self.bindir, self.dir, self.port = bindir, Path(tempfile.mkdtemp(prefix='clip-har-pg-')), free_port()
-        self.as_user = []
-        if os.geteuid() == 0: shutil.chown(self.dir, 'postgres'); self.as_user = ['runuser', '-u', 'postgres', '--']
-        run(*self.as_user, bindir/'initdb', '-D', self.dir/'data', '-U', 'clip', '--auth=trust', '-E', 'UTF8', check=True)
-        self.url = f'postgresql+psycopg://clip@127.0.0.1:{self.port}/postgres'
-    def ctl(self, *args):
-        return run(*self.as_user, self.bindir/'pg_ctl', '-D', self.dir/'data', '-l', self.dir/'log', '-w',
-                   '-o', f'-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1', *args, check=True)
-
-@pytest.fixture(scope='module')
-def postgres():
-    "A real PostgreSQL server; the tests that need it skip where it is not installed."
-    found = shutil.which('initdb') or next(iter(sorted(Path('/usr/lib/postgresql').glob('*/bin/initdb'))), None)
-    if not found: pytest.skip('PostgreSQL is not installed here (apt-get install postgresql; .ci/run installs it in CI)')
-    pg = Postgres(Path(found).resolve().parent)
-    pg.ctl('start')
-    yield pg
-    pg.ctl('stop', '-m', 'immediate'); shutil.rmtree(pg.dir, ignore_errors=True)
 
 @pytest.fixture(params=['sqlite', 'postgresql'])
 def store_url(request, tmp_path) -> str:
@@ -148,14 +120,7 @@ def test_drift_is_low_for_reference_traffic_and_high_for_one_class(model, tmp_pa
     from PIL import Image
     assert Image.open(tmp_path/'monitor.png').size[0] >= 900  # the four plots
 
-PROM = ROOT/'docker'/'prometheus'
 DRIFT_DESCRIPTION = __import__('yaml').safe_load((PROM/'alerts.yml').read_text())['groups'][0]['rules'][0]['annotations']['description']
-
-def tool(name:str) -> str:
-    "A Prometheus program from Debian's `prometheus` package; the test skips without it."
-    exe = shutil.which(name)
-    if exe is None: pytest.skip(f"no {name} here (apt-get install prometheus; .ci/run installs it in CI)")
-    return exe
 
 def test_alert_rules_and_prometheus_config_pass_promtool():
     promtool = tool('promtool')
@@ -174,28 +139,11 @@ def served_metrics(url:str) -> set:
     lines = [l for l in httpx.get(url + '/metrics').text.splitlines() if l and not l.startswith('#')]
     return {re.sub('_(bucket|sum|count|total|created)$', '', l.split('{')[0].split(' ')[0]) for l in lines}
 
-def drift_reference(model:Path, folder:Path) -> list[bytes]:
-    "Write the model's reference.json (its profile on the fixtures) into `folder`; the photos of its most predicted class."
-    pred = Predictor(model)
-    probs = pred.scores(image_batch(PHOTOS, pred.preprocess).numpy())
-    (folder/'reference.json').write_text(json.dumps(monitor_reference(probs, pred.labels, 'test', file_sha256(model))))
-    top = probs.argmax(1)
-    return [p.read_bytes() for p, t in zip(PHOTOS, top) if t == np.bincount(top).argmax()]
-
-def start_prometheus(target:str, folder:Path):
-    "A real Prometheus on loopback scraping `target` every second with clip-har's rules; (process, query URL)."
-    port = free_port()
-    (folder/'prometheus.yml').write_text(f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: ['{PROM/'alerts.yml'}']\n"
-                                         f"scrape_configs:\n  - job_name: clip-har\n    static_configs: [{{targets: ['{target}']}}]\n")
-    proc = subprocess.Popen([tool('prometheus'), f'--config.file={folder}/prometheus.yml', f'--storage.tsdb.path={folder}/tsdb',
-                             f'--web.listen-address=127.0.0.1:{port}'], stdout=open(folder/'prometheus.log', 'w'), stderr=subprocess.STDOUT)
-    return proc, f'http://127.0.0.1:{port}/api/v1/query'
-
 def test_prometheus_sees_drift_move_and_the_rule_fires_on_that_series(model, tmp_path):
     promtool = tool('promtool')
-    common = drift_reference(model, tmp_path)
+    common = drift_reference(model, tmp_path, PHOTOS)
     proc, url, _ = start(model, f'serve.record_url=sqlite:///{tmp_path}/records.db', f'serve.reference={tmp_path}/reference.json', 'serve.monitor_window=90')
-    prom, api = start_prometheus(url.split('//')[1], tmp_path)
+    prom, api = start_prometheus(tmp_path, {url.split('//')[1]: {}})
     def seen():
         try: res = httpx.get(api, params={'query': 'clip_har_drift_psi{signal="class"}'}, timeout=2).json()['data']['result']
         except (httpx.HTTPError, KeyError, ValueError): return None
@@ -224,3 +172,48 @@ def test_prometheus_sees_drift_move_and_the_rule_fires_on_that_series(model, tmp
     (tmp_path/'measured.test.yml').write_text(json.dumps(test))  # JSON is YAML
     r = run(promtool, 'test', 'rules', tmp_path/'measured.test.yml')
     assert r.returncode == 0 and 'SUCCESS' in r.stdout + r.stderr, r.stdout + r.stderr
+
+OLD_SCHEMA = ROOT/'tests'/'fixtures'/'store-schema-0001.postgresql.sql'  # the store as main made it before schema revisions
+
+def old_store(postgres) -> str:
+    "A PostgreSQL store built from the old schema, with three records and two pieces of feedback as the old service wrote them; its URL."
+    import psycopg
+    with psycopg.connect(f'host=127.0.0.1 port={postgres.port} user=clip dbname=postgres', autocommit=True) as admin:
+        admin.execute('DROP DATABASE IF EXISTS old_store'); admin.execute('CREATE DATABASE old_store')
+    labels = json.dumps(list(HAR_LABELS))
+    rows = [(f'old{i}', 1000.0 + i, '/predict/image', TINY_MODEL, 'v-old', 'pytorch', labels, False, '["running"]', '[0.9]', 'running', 0.9, 'ab' * 32, 1234, 5.0)
+            for i in range(3)]
+    cols = 'id, ts, route, model, model_version, backend, label_set, open_vocabulary, labels, scores, predicted, confidence, sha256, bytes, latency_ms'
+    with psycopg.connect(f'host=127.0.0.1 port={postgres.port} user=clip dbname=old_store') as db:
+        db.execute(OLD_SCHEMA.read_text())
+        for r in rows: db.execute(f'INSERT INTO predictions ({cols}) VALUES ({", ".join(["%s"] * len(r))})', r)
+        for pid, ok in (('old0', True), ('old1', False)):
+            db.execute('INSERT INTO feedback (prediction_id, ts, label, correct) VALUES (%s, %s, %s, %s)', (pid, 2000.0, 'running' if ok else 'sitting', ok))
+    return postgres.url.rsplit('/', 1)[0] + '/old_store'
+
+def test_todays_service_migrates_a_store_the_old_version_made(model, postgres, tmp_path):
+    """In PostgreSQL (the store replicas share; 08b_monitor migrates SQLite): old records and feedback survive the migration to revision 0002,
+    and today's service then records there (with request ids) and takes feedback, on its own answers and on the old ones."""
+    import sqlalchemy as sa
+    url = old_store(postgres)
+    engine = sa.create_engine(url)
+    def snapshot():
+        with engine.connect() as c:
+            return [tuple(r) for r in c.execute(sa.text('SELECT p.id, p.ts, p.predicted, p.model_version, f.label, f.correct FROM predictions p '
+                                                        'LEFT JOIN feedback f ON f.prediction_id = p.id ORDER BY p.id'))]
+    old = snapshot()
+    proc, served, _ = start(model, f'serve.record_url={url}')
+    try:
+        with httpx.Client(base_url=served, timeout=60) as c:
+            r = c.post('/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}, headers={'X-Request-ID': 'after-upgrade'})
+            pid = r.json()['prediction_id']
+            assert c.post('/feedback', json={'prediction_id': pid, 'label': r.json()['predictions'][0]['class_name']}).json()['correct'] is True
+            assert c.post('/feedback', json={'prediction_id': 'old2', 'label': 'running'}).json()['correct'] is True  # an old record takes feedback too
+    finally: assert stop(proc)
+    with engine.connect() as c:
+        assert c.execute(sa.text('SELECT version_num FROM alembic_version')).scalar() == '0002'
+        assert c.execute(sa.text('SELECT request_id FROM predictions WHERE id = :i'), {'i': pid}).scalar() == 'after-upgrade'
+    now = snapshot()
+    assert [r for r in now if r[0].startswith('old') and r[0] != 'old2'] == [r for r in old if r[0] != 'old2'] and len(now) == len(old) + 1
+    print(f'PostgreSQL: {len(old)} old rows intact after the migration; the new service wrote {len(now) - len(old)} record and 2 pieces of feedback')
+    engine.dispose()

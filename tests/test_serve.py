@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx, pytest
 from PIL import Image
 
-from conftest import BIN, ROOT, env, start, stop
+from conftest import BIN, ROOT, env, start, stop, tool
 from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, file_sha256
 from clip_har.serve import InferenceClient, ClientError, free_port, load_test
 
@@ -321,13 +321,14 @@ def test_deployment_files_are_valid():
     assert 'monitor:/app/monitor' in compose['services']['api']['volumes']  # prediction records outlive the container
     for name in ('dashboard', 'mlflow', 'prometheus', 'alertmanager', 'grafana'):  # no authentication of their own (or a password only): never published beyond this machine
         assert all(str(port).startswith('127.0.0.1:') for port in compose['services'][name]['ports']), compose['services'][name]['ports']
-    docs = [d for f in sorted((docker/'k8s').glob('*.yaml')) for d in yaml.safe_load_all(f.read_text()) if d]
+    docs = [d for f in sorted((docker/'k8s').glob('*.yaml')) for d in yaml.safe_load_all(f.read_text())
+            if d and not d['apiVersion'].startswith(('argoproj.io/', 'serving.kserve.io/'))]  # custom resources: tests/test_release.py
     kinds = {d['kind'] for d in docs}
     assert {'Deployment', 'Service', 'HorizontalPodAutoscaler'} <= kinds
     for d in docs: kubernetes_validate.validate(d, '1.31.0', strict=True)
     deployments = {d['metadata']['name']: d['spec']['template']['spec'] for d in docs if d['kind'] == 'Deployment'}
-    assert set(deployments) == {'clip-har-api', 'clip-har-dashboard'}
-    for name, spec in deployments.items():  # the same security context for both
+    assert set(deployments) == {'clip-har-api', 'clip-har-dashboard', 'clip-har-redis'}
+    for name, spec in deployments.items():  # the same security context for all
         assert spec['securityContext']['runAsNonRoot'] is True, name
         sc = spec['containers'][0]['securityContext']
         assert (sc['allowPrivilegeEscalation'], sc['readOnlyRootFilesystem'], sc['capabilities']['drop']) == (False, True, ['ALL']), name
@@ -437,3 +438,42 @@ def test_load_1000_v2_infer_requests_at_concurrency_32(server):
     print(f"1000 V2 infer requests (binary BYTES), concurrency 32: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
           f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}")
     assert r['errors'] == 0 and r['statuses'] == {'200': 1000}, r['statuses']
+
+def test_every_line_the_service_writes_is_json(model):
+    "Start, answers, refusals, a warning and a stop: every line of the service's output is one JSON object with time, level, logger and message."
+    proc, url, log = start(model, 'serve.max_body_mb=1')
+    with httpx.Client(base_url=url, timeout=30) as c:
+        ok = c.post('/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}, headers={'X-Request-ID': 'req-ok'})
+        bad = c.post('/predict/image', files={'file': ('a.jpg', b'not an image', 'image/jpeg')}, headers={'X-Request-ID': 'req-bad'})
+        big = c.post('/predict', content=b'x' * (2 * 2**20), headers={'Content-Type': 'application/json'})
+        missing = c.get('/nowhere')
+    assert (ok.status_code, bad.status_code, big.status_code, missing.status_code) == (200, 422, 413, 404)
+    assert stop(proc)
+    lines = log.read_text().splitlines()
+    records = [json.loads(l) for l in lines]  # raises on any line that is not JSON
+    assert len(records) >= 8 and all({'time', 'level', 'logger', 'message'} <= set(r) for r in records), lines[:5]
+    loggers = {r['logger'] for r in records}
+    assert {'uvicorn.error', 'clip_har', 'clip_har.access', 'py.warnings'} <= loggers, loggers  # uvicorn's start and stop, the model loading, the requests, a warning
+    access = {r['request_id']: r for r in records if r['logger'] == 'clip_har.access' and 'request_id' in r}
+    assert access['req-ok']['status'] == 200 and access['req-bad']['status'] == 422 and access['req-ok']['message'] == 'POST /predict/image 200'
+    assert any(r['message'].startswith('Finished server process') for r in records)  # the stop is logged too
+    print(f'{len(records)} lines, all JSON, from {sorted(loggers)}')
+
+def test_two_replicas_share_one_rate_limit_through_redis(model):
+    "Two `clip-har serve` processes (replicas) and a real redis-server: a client alternating between them gets its burst of 3 once, not twice."
+    port = free_port()
+    redis = subprocess.Popen([tool('redis-server'), '--port', str(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], stdout=subprocess.DEVNULL)
+    shared = ['serve.rate_limit=6', 'serve.rate_burst=3', f'serve.rate_limit_url=redis://127.0.0.1:{port}/0']  # a token per 10 s
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool: replicas = list(pool.map(lambda _: start(model, *shared, extra_env={'CLIP_HAR_API_KEYS': 'k1,k2'}), range(2)))
+    try:
+        post = lambda url, key: httpx.post(url + '/predict/image', files={'file': ('a.jpg', JPG, 'image/jpeg')}, headers={'X-API-Key': key}).status_code
+        codes = [post(replicas[i % 2][1], 'k1') for i in range(6)]
+        assert codes == [200, 200, 200, 429, 429, 429], codes  # per-process buckets would give 3 on each replica
+        assert post(replicas[1][1], 'k2') == 200  # another key has its own bucket
+        redis.terminate(); redis.wait(10)
+        assert post(replicas[0][1], 'k1') == 200  # Redis gone: the API keeps answering, unlimited (and says so in its log)
+    finally:
+        for proc, _, _ in replicas: stop(proc)
+        if redis.poll() is None: redis.terminate(); redis.wait(10)
+    assert 'rate limits are not applied: Redis is unreachable' in replicas[0][2].read_text()
