@@ -1,6 +1,6 @@
 """The prediction service as users run it: `clip-har serve` in its own process on 127.0.0.1, driven over real HTTP by
 httpx, by `InferenceClient` and by Triton's `tritonclient` (the Open Inference Protocol, every body checked against its schema);
-every endpoint, 65 kinds of bad input, keys and rate limits, two 1,000-request load runs,
+every endpoint, 69 kinds of bad input (23 of them the protocol's), keys and rate limits, two 1,000-request load runs,
 graceful shutdown, several workers, and the deployment files."""
 import base64, io, json, os, signal, struct, subprocess, threading, time, zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
