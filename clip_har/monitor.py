@@ -62,7 +62,7 @@ def migrate(engine) -> tuple[str|None, str]:
         ctx = MigrationContext.configure(conn)
         before = ctx.get_current_revision()
         if before is None and not sa.inspect(conn).has_table('predictions'): _tables()[0].create_all(conn)
-        elif before not in REVISIONS and before is not None:  # a newer clip_har migrated it: its revisions only add, so carry on
+        elif before is not None and before not in REVISIONS:  # a newer clip_har migrated it: its revisions only add, so carry on
             get_logger('monitor').warning(f'the prediction store is at schema revision {before}, newer than this clip_har knows ({HEAD_REVISION})')
             return before, before
         else:

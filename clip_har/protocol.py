@@ -267,7 +267,7 @@ def output_names(req:InferRequest) -> list[str]:
 
 # %% ../nbs/09_protocol.ipynb #9216fc66
 ModelFn = Callable[[Request], ServedModel]
-InferFn = Callable[[Request, 'list[bytes]|None', 'np.ndarray|None', int], Awaitable[tuple[np.ndarray, list, list]]]
+InferFn = Callable[[Request, 'list[bytes]|None', 'np.ndarray|None', int], Awaitable[tuple[np.ndarray, list[list[str]], list[str]]]]
 EXTENSIONS = ['binary_tensor_data']  # Triton's name for the binary data extension
 
 def _model_routes(router:APIRouter, model:ModelFn):
@@ -288,16 +288,15 @@ def _infer_route(router:APIRouter, model:ModelFn, infer:InferFn):
         images, pixels = model_inputs(req, m)
         names, k = output_names(req), req.parameters.get('top_k', m.top_k)
         if type(k) is not int or not 1 <= k <= 1000: raise ServeError(400, 'parameter top_k must be an integer from 1 to 1000')
-        probs, labels, ids = await infer(request, images, pixels, k)
-        top = [[labels[j].encode() for j in row] for row in np.argsort(-probs, 1)[:, :min(k, probs.shape[1])]]
+        probs, top, ids = await infer(request, images, pixels, k)
         tensors = {'probabilities': Tensor('probabilities', 'FP32', list(probs.shape), probs.astype(np.float32)),
-                   'labels': Tensor('labels', 'BYTES', [len(top), len(top[0])], [b for row in top for b in row])}
+                   'labels': Tensor('labels', 'BYTES', [len(top), len(top[0])], [l.encode() for row in top for l in row])}
         return infer_response(m.name, m.version, [tensors[n] for n in names], req, {'prediction_ids': ','.join(ids)})
     for path in ('/v2/models/{name}/infer', '/v2/models/{name}/versions/{version}/infer'):
         router.add_api_route(path, infer_route, methods=['POST'], summary='Inference (JSON, or the binary data extension)')
 
 def v2_router(model:ModelFn, # the served model's description; a 503 `ServeError` while it is not ready
-              infer:InferFn, # (request, images, pixels, top_k) -> (probabilities (N, C), labels, prediction ids)
+              infer:InferFn, # (request, images, pixels, top_k) -> (probabilities (N, C), each image's top-k label names, prediction ids)
               server_version:str='', # `GET /v2`'s version
               dependencies:Sequence=(), # for the model routes: the service's keys and limits
              ) -> APIRouter:

@@ -716,13 +716,12 @@ def served_model(request:Request) -> ServedModel:
 def _npy(x:np.ndarray) -> bytes:
     b = io.BytesIO(); np.save(b, x); return b.getvalue()
 
-async def infer_v2(request:Request, images:list[bytes]|None, pixels:np.ndarray|None, k:int) -> tuple[np.ndarray, list, list[str]]:
-    "Probabilities, labels and prediction ids for the protocol's images or pixels (pixels are recorded as `.npy` bytes)."
+async def infer_v2(request:Request, images:list[bytes]|None, pixels:np.ndarray|None, k:int) -> tuple[np.ndarray, list[list[str]], list[str]]:
+    "Probabilities, each image's top-`k` label names and prediction ids for the protocol's images or pixels (pixels are recorded as `.npy` bytes)."
     t0 = time.perf_counter()
-    if images is not None: x = await decode(request, images, [f'image[{i}]' for i in range(len(images))])
-    else: x = pixels
-    probs, labels, _, ids, _ = await score(request, x, k, images if images is not None else [_npy(p) for p in pixels], t0=t0)
-    return probs, labels, ids
+    x = pixels if images is None else await decode(request, images, [f'image[{i}]' for i in range(len(images))])
+    probs, _, results, ids, _ = await score(request, x, k, [_npy(p) for p in pixels] if images is None else images, t0=t0)
+    return probs, [[r['class_name'] for r in row] for row in results], ids
 
 v2 = v2_router(served_model, infer_v2, __version__, [Depends(user)])
 
@@ -755,20 +754,20 @@ async def access_log(request:Request, call_next):
     state = app_state(request)
     request.state.request_id = request.headers.get('x-request-id', '')[:64] or uuid.uuid4().hex[:16]
     token, t0 = REQUEST_ID.set(request.state.request_id), time.perf_counter()
-    try: response = await call_next(request)
-    except BaseException: REQUEST_ID.reset(token); raise
-    secs = time.perf_counter() - t0
-    route = getattr(request.scope.get('route'), 'path', 'unmatched')
-    state.metrics['requests'].labels(route, request.method, str(response.status_code)).inc()
-    state.metrics['latency'].labels(route).observe(secs)
-    response.headers['X-Request-ID'] = request.state.request_id
-    if getattr(request.state, 'prediction_ids', None): response.headers['X-Prediction-Id'] = ','.join(request.state.prediction_ids)
-    fields = {'method': request.method, 'path': request.url.path, 'status': response.status_code, 'ms': round(secs * 1000, 2),
-              'client': request.client.host if request.client else None, 'caller': getattr(request.state, 'caller', None),
-              'bytes_in': int(request.headers.get('content-length') or 0)}
-    logging.getLogger('clip_har.access').info(f'{request.method} {request.url.path} {response.status_code}', extra={'fields': fields})
-    REQUEST_ID.reset(token)
-    return response
+    try:
+        response = await call_next(request)
+        secs = time.perf_counter() - t0
+        route = getattr(request.scope.get('route'), 'path', 'unmatched')
+        state.metrics['requests'].labels(route, request.method, str(response.status_code)).inc()
+        state.metrics['latency'].labels(route).observe(secs)
+        response.headers['X-Request-ID'] = request.state.request_id
+        if getattr(request.state, 'prediction_ids', None): response.headers['X-Prediction-Id'] = ','.join(request.state.prediction_ids)
+        fields = {'method': request.method, 'path': request.url.path, 'status': response.status_code, 'ms': round(secs * 1000, 2),
+                  'client': request.client.host if request.client else None, 'caller': getattr(request.state, 'caller', None),
+                  'bytes_in': int(request.headers.get('content-length') or 0)}
+        logging.getLogger('clip_har.access').info(f'{request.method} {request.url.path} {response.status_code}', extra={'fields': fields})
+        return response
+    finally: REQUEST_ID.reset(token)
 
 # %% ../nbs/09_serve.ipynb #2c43d380
 def add_middleware(app:FastAPI, settings:ServeConfig) -> FastAPI:
@@ -995,8 +994,9 @@ def serve(settings:ServeConfig, # the `serve` section, with `model` set
           log_level:str='info'):
     "Run the service on uvicorn until SIGTERM/SIGINT; in-flight requests finish first."
     import uvicorn, logging.config
-    logging.config.dictConfig(log_config(log_level)); logging.captureWarnings(True)  # every line JSON (uvicorn applies it again in each worker)
-    kw = dict(host=settings.host, port=settings.port, log_level=log_level, access_log=False, log_config=log_config(log_level),
+    logs = log_config(log_level)
+    logging.config.dictConfig(logs); logging.captureWarnings(True)  # every line JSON (uvicorn applies it again in each worker)
+    kw = dict(host=settings.host, port=settings.port, log_level=log_level, access_log=False, log_config=logs,
               timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, timeout_keep_alive=settings.keep_alive_s)
     if settings.workers == 1: return uvicorn.run(create_app(settings), **kw)
     os.environ['CLIP_HAR_SERVE'] = settings.model_dump_json()
@@ -1049,7 +1049,7 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
     del pred
     rows = []
     modes = [('batch-1', 1, 0.0, True, None), ('dynamic', 32, 5.0, True, None), ('dynamic, not recording', 32, 5.0, False, None),
-             ('dynamic, V2 infer', 32, 5.0, True, Predictor(model).manifest['model'])]  # the protocol's route, image as binary BYTES
+             ('dynamic, V2 infer', 32, 5.0, True, name)]  # the protocol's route (the model is named as it was built), image as binary BYTES
     for mode, max_batch, wait, record, v2_model in modes:
         port = free_port()
         proc = _start_server(model, port, max_batch, wait, f'sqlite:///{out}/records-{port}.db' if record else None, out/f'server-{port}.log')
