@@ -20,7 +20,7 @@ __all__ = ['EXPORT_FORMAT', 'FORMATS', 'PRECISIONS', 'BACKENDS', 'INT8_SCHEME', 
            'ExportError', 'manifest_path', 'read_export', 'onnx_session', 'export_onnx', 'onnx_fp16', 'onnx_int8',
            'export_torchscript', 'load_torchscript', 'tensorrt', 'build_tensorrt_engine', 'OnnxRunner',
            'TorchScriptRunner', 'TensorRTRunner', 'runner', 'parity', 'check_parity', 'write_export_summary',
-           'export_graphs', 'export_model', 'export_from_config']
+           'trace_onnx', 'export_graphs', 'export_model', 'export_from_config']
 
 # %% ../nbs/06_export.ipynb #523460fe
 class ImageGraph(nn.Module):
@@ -264,6 +264,18 @@ def write_export_summary(out_dir:str|Path, # the export folder
     return out/'summary.json'
 
 # %% ../nbs/06_export.ipynb #14b867d5
+def trace_onnx(image:nn.Module, text:nn.Module, # `ImageGraph` and `TextGraph`
+               example:torch.Tensor, tokens:torch.Tensor, # example inputs to trace with
+               folder:Path, # where the two graph files go
+               opset:int=17) -> dict:
+    "The fp32 ONNX image and text graphs: every ONNX and TensorRT export of a model starts from these two, traced once."
+    return dict(image=export_onnx(image, example, folder/'image.fp32.onnx', 'image', ['logits', 'embeddings'], opset),
+                text=export_onnx(text, tokens, folder/'text.onnx', 'tokens', ['embeddings'], opset))
+
+def _placed(src:Path, dst:Path) -> Path:
+    if src != dst: shutil.copyfile(src, dst)
+    return dst
+
 def export_graphs(fmt:str, # torchscript, onnx or tensorrt
                   prec:str, # fp32, fp16 or int8
                   image:nn.Module, text:nn.Module, # `ImageGraph` and `TextGraph`
@@ -271,26 +283,36 @@ def export_graphs(fmt:str, # torchscript, onnx or tensorrt
                   folder:Path, # where the graph files go
                   opset:int=17, # ONNX opset
                   x_cal:np.ndarray|None=None, # TensorRT's int8 calibration images
+                  traced:dict|None=None, # this model's `trace_onnx` graphs, from an earlier export (None: traced here)
                  ) -> dict:
     "Write the image and text graphs of one export into `folder`; their file names."
     if fmt == 'torchscript':
         return {'image': export_torchscript(image, example, folder/'image.ts').name, 'text': export_torchscript(text, tokens, folder/'text.ts').name}
-    onnx32 = export_onnx(image, example, folder/'image.fp32.onnx', 'image', ['logits', 'embeddings'], opset)
-    text_file = export_onnx(text, tokens, folder/'text.onnx', 'tokens', ['embeddings'], opset)
+    traced = traced or trace_onnx(image, text, example, tokens, folder, opset)
     if fmt == 'onnx':
-        img = {'fp32': lambda: onnx32, 'fp16': lambda: onnx_fp16(onnx32, folder/'image.fp16.onnx'),
-               'int8': lambda: onnx_int8(onnx32, folder/'image.int8.onnx')}[prec]()
+        img = {'fp32': lambda: _placed(traced['image'], folder/'image.fp32.onnx'), 'fp16': lambda: onnx_fp16(traced['image'], folder/'image.fp16.onnx'),
+               'int8': lambda: onnx_int8(traced['image'], folder/'image.int8.onnx')}[prec]()
+        text_file = _placed(traced['text'], folder/'text.onnx')
     else:
-        img = build_tensorrt_engine(onnx32, folder/f'image.{prec}.plan', prec, _batches(x_cal, 8))
-        text_file = build_tensorrt_engine(text_file, folder/'text.plan', 'fp32', input_name='tokens')
+        img = build_tensorrt_engine(traced['image'], folder/f'image.{prec}.plan', prec, _batches(x_cal, 8))
+        text_file = build_tensorrt_engine(traced['text'], folder/'text.plan', 'fp32', input_name='tokens')
     for f in folder.glob('*.onnx'):
         if f not in (img, text_file): f.unlink()
     return {'image': img.name, 'text': text_file.name}
+
 
 # %% ../nbs/06_export.ipynb #bbe87272
 def _batches(x:np.ndarray, bs:int=16) -> list[np.ndarray]: return [x[i:i + bs] for i in range(0, len(x), bs)]
 
 def _run_all(run, x:np.ndarray) -> np.ndarray: return np.concatenate([run(b)[0] for b in _batches(x)])
+
+def _manifest_base(model_path, meta:dict, clf, clip, context_length:int, reference:dict|None) -> dict:
+    "What every export of the classifier at `model_path` records about its source."
+    return dict(format=EXPORT_FORMAT, model=meta['model'], pretrained=meta.get('pretrained'), quick_gelu=clip.quick_gelu,
+                source_model=str(model_path), source_sha256=file_sha256(model_path),
+                labels=clf.labels, preprocess=clf.preprocess, logit_scale=clip.logit_scale, context_length=context_length,
+                head=meta.get('head'), wise_alpha=meta.get('wise_alpha'), smoke_run=meta.get('pretrained') is None or meta['model'] == TINY_MODEL,
+                torch_version=torch.__version__, reference=reference)
 
 def export_model(model_path:str|Path, # a classifier file from `save_classifier`
                  out_dir:str|Path, # gets one folder per format and precision
@@ -319,20 +341,18 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
     with torch.no_grad(): ref = np.concatenate([image(torch.from_numpy(b))[0].numpy() for b in _batches(x_val)])
     example = torch.from_numpy(x_val[:2])
     tokens = clip.tokenizer(['a photo of a person calling.', 'a photo of someone eating.'])
-    base = dict(format=EXPORT_FORMAT, model=meta['model'], pretrained=meta.get('pretrained'), quick_gelu=clip.quick_gelu,
-                source_model=str(model_path), source_sha256=file_sha256(model_path),
-                labels=clf.labels, preprocess=clf.preprocess, logit_scale=clip.logit_scale, context_length=int(tokens.shape[1]),
-                head=meta.get('head'), wise_alpha=meta.get('wise_alpha'), smoke_run=meta.get('pretrained') is None or meta['model'] == TINY_MODEL,
-                torch_version=torch.__version__, reference=reference)
+    base = _manifest_base(model_path, meta, clf, clip, int(tokens.shape[1]), reference)
     jobs = [(f, p) for f in formats for p in (('fp32',) if f == 'torchscript' else precisions)]
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    done, refused, t_start = [], [], time.time()
+    done, refused, t_start, traced = [], [], time.time(), None
+    shared = tempfile.TemporaryDirectory(dir=out_dir)  # the fp32 ONNX trace, kept for the exports after the first
     for i, (fmt, prec) in enumerate(progress_bar(jobs) if progress else jobs):
         report_progress(f'export {fmt} {prec} ({i + 1}/{len(jobs)})', i, len(jobs), 'exports', t_start)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmpd:
             tmp = Path(tmpd)
-            t0 = time.perf_counter()
-            graphs = export_graphs(fmt, prec, image, text, example, tokens, tmp, opset, x_cal)
+            t0 = time.perf_counter()  # the first ONNX or TensorRT export's time includes the trace they share
+            if fmt != 'torchscript' and traced is None: traced = trace_onnx(image, text, example, tokens, Path(shared.name), opset)
+            graphs = export_graphs(fmt, prec, image, text, example, tokens, tmp, opset, x_cal, traced)
             man = dict(base, backend=fmt, precision=prec, graphs=graphs, export_seconds=round(time.perf_counter() - t0, 2),
                        **({'quantization': INT8_SCHEME} if (fmt, prec) == ('onnx', 'int8') else {}))
             man['parity'] = parity(ref, _run_all(runner({**man, 'folder': str(tmp)}), x_val))
@@ -349,6 +369,7 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
         done.append({**man, 'folder': str(dest)})
         get_logger('export').info(f"{fmt} {prec}: max |diff| {man['parity']['max_abs_diff']:.2e}, top-1 agreement "
                                   f"{man['parity']['top1_agreement']:.3f} on {man['parity']['n_images']} images -> {dest}")
+    shared.cleanup()
     write_export_summary(out_dir, done, refused)
     if not done: raise ExportError('no export passed its parity check: ' + '; '.join(r['reason'] for r in refused) + f' (see {out_dir/"summary.md"})')
     return done
