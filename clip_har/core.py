@@ -195,7 +195,7 @@ class ExportConfig(_Section):
 class BenchmarkConfig(_Section):
     "The benchmark stage's size: the batch sizes it times and the timed runs at batch 1."
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 8], min_length=1)  # each backend is timed at these; on a GPU add 32
-    runs: int = Field(20, ge=1)  # timed runs at batch 1, where the latency percentiles come from (fewer at larger batches)
+    runs: int = Field(10, ge=1)  # timed runs at batch 1, where the latency percentiles come from (fewer at larger batches); more for steadier tails
 
 # %% ../nbs/00_core.ipynb #553ad8ed
 class ServeConfig(_Section):
