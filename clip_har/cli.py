@@ -406,7 +406,7 @@ def run_retrain(cfg:Config,
                 use_dvc:Arg(flag='--no-dvc')=True, # run the stages one after another instead of `dvc repro`
                 feedback:str=None, # a `clip-har feedback export` folder to add to data.source (images the data holds are not added twice)
                 params:str='params.yaml', overrides:list=()):
-    "`clip-har retrain`: pull data (dvc), run the pipeline, promote the new model only if it beats the champion (retrain.*)"
+    "`clip-har retrain`: pull data (dvc), run the pipeline to evaluate, promote (then export) the new model only if it beats the champion (retrain.*)"
     from clip_har.data import FEEDBACK_EXPORT_FILE
     from clip_har.pipeline import add_data_source, demo_sources, retrain
     if feedback:

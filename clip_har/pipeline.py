@@ -119,15 +119,27 @@ def _imports_only(source:str) -> bool:
     except SyntaxError: return False
     return bool(body) and all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in body)
 
+def _imported_names(source:str) -> set[str]:
+    "The names an imports-only cell binds (`import a.b` binds `a`; a star import gives `*`)."
+    import ast
+    return {a.asname or a.name.split('.')[0] for s in ast.parse(source).body for a in s.names}
+
+def _identifiers(source:str) -> set[str]:
+    "Every identifier-like word in `source`, strings and comments included: a superset of the names it uses."
+    import re
+    return set(re.findall(r'[A-Za-z_]\w*', source))
+
+
 # %% ../nbs/11_pipeline.ipynb #d5459f96
 def stage_notebook(path:str|Path) -> 'nbformat.NotebookNode':
-    "The notebook a stage runs: prose, exported code, imports, then everything from the `parameters` cell on."
+    "The notebook a stage runs: prose, exported code, the imports its stage cells use, then everything from the `parameters` cell on."
     import nbformat
     nb = nbformat.read(path, as_version=4)
     at = next((i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', [])), None)
     if at is None: raise PipelineError(f'{Path(path).name} has no cell tagged "parameters": it cannot run as a stage')
-    keep = [c for i, c in enumerate(nb.cells)
-            if i >= at or c.cell_type != 'code' or c.source.startswith('#| export') or _imports_only(c.source)]
+    used = set().union(*(_identifiers(c.source) for c in nb.cells[at:] if c.cell_type == 'code'))
+    wanted = lambda s: _imports_only(s) and bool(_imported_names(s) & (used | {'*'}))  # the tests' own imports stay behind with them
+    keep = [c for i, c in enumerate(nb.cells) if i >= at or c.cell_type != 'code' or c.source.startswith('#| export') or wanted(c.source)]
     nb.metadata['clip_har'] = {'stage_run': True, 'test_cells_left_out': len(nb.cells) - len(keep)}
     nb.cells = keep
     return nb
@@ -563,22 +575,29 @@ def retrain_gate(cfg:Config, # track (registry), retrain (rule), data and evalua
 
 # %% ../nbs/11_pipeline.ipynb #04c2b321
 def retrain(folder:str|Path='.', use_dvc:bool=True) -> dict:
-    "Pull data, run the pipeline, and gate the new model version against the champion."
+    "Pull data, run the pipeline up to evaluation, gate the new model version against the champion; export and benchmark only a champion."
     folder = Path(folder).resolve()
     if use_dvc and (folder/'dvc.yaml').is_file():
         if dvc('remote', 'list', folder=folder).stdout.strip():
             r = dvc('pull', folder=folder)
             if r.returncode: raise PipelineError(f'dvc pull failed: {r.stderr.strip()[-500:]}')
         else: get_logger('pipeline').info('no DVC remote configured: retraining on the data in the workspace')
-    run_pipeline(folder, use_dvc=use_dvc)
+    gated = STAGE_NAMES.index('evaluate') + 1  # the stages after it (export, benchmark) wait for the gate
+    run_pipeline(folder, STAGE_NAMES[:gated], use_dvc=use_dvc)
     here = os.getcwd()
     try:
         os.chdir(folder)
         cfg = load_config('params.yaml')
         tm = json.loads((Path(cfg.paths.out_dir)/'train'/'train_metrics.json').read_text())
         if not tm.get('registered'): raise PipelineError('the training run registered no model (track.register_as and the mlflow backend are needed to retrain)')
-        return retrain_gate(cfg, int(tm['registered']['version']))
+        decision = retrain_gate(cfg, int(tm['registered']['version']))
+        champion = decision['promoted'] or decision['champion'] == decision['candidate']
+        decision['after_gate'] = run_pipeline(folder, STAGE_NAMES[gated:], use_dvc=use_dvc) if champion else []
+        if not champion: get_logger('pipeline').info(f"retrain: v{decision['candidate']} is not exported; {cfg.paths.out_dir}/export keeps the last champion's exports")
+        (Path(cfg.paths.out_dir)/'retrain'/'decision.json').write_text(json.dumps(decision, indent=2))
+        return decision
     finally: os.chdir(here)
+
 
 # %% ../nbs/11_pipeline.ipynb #6a84108a
 def _yaml_child(node, key:str):

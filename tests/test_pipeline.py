@@ -134,7 +134,7 @@ def test_clip_har_retrain_keeps_a_champion_the_new_model_does_not_beat(demo):
     assert 'Running stage' not in r.stdout, r.stdout
     d = json.loads(r.stdout.strip().splitlines()[-1])
     trained = json.loads((demo/'outputs/train/train_metrics.json').read_text())['registered']['version']
-    assert (d['candidate'], d['champion'], d['champion_score'], d['promoted']) == (int(trained), champion, 1.0, False), d
+    assert (d['candidate'], d['champion'], d['champion_score'], d['promoted'], d['after_gate']) == (int(trained), champion, 1.0, False, []), d
     assert int(client.get_registered_model(cfg.track.register_as).aliases['champion']) == champion
 
 def test_a_failing_stage_names_its_notebook_and_cell_and_keeps_it(demo, tmp_path):
@@ -215,6 +215,9 @@ def test_feedback_export_feeds_retrain_without_duplicates(demo, tmp_path):
     assert len(pd.read_csv(tmp_path/'feedback'/'provenance.csv')) == 5
     r = clip_har('retrain', '--demo', '-q', *DEMO_SETS, '--feedback', tmp_path/'feedback', cwd=demo.parent, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])  # only a candidate that is the champion after the gate is exported and benchmarked
+    assert d['after_gate'] == (['export', 'benchmark'] if d['promoted'] or d['champion'] == d['candidate'] else []), d
+    assert stages_run(r.stdout) == ['prepare', 'zeroshot', 'train', 'evaluate'] + d['after_gate'], r.stdout
     df = pd.read_csv(demo/'data'/'prepared'/'manifest.csv')
     added = df[df.path.str.contains('feedback/')]
     assert len(df) == 47 and not df.sha256.duplicated().any(), (len(df), df[df.sha256.duplicated(keep=False)])
