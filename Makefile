@@ -11,13 +11,15 @@ DEMO_SOURCE := $(shell [ -f ../shared/data/har-mini/labels.csv ] && echo ../shar
 .PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train bench-infer bench-serve bench-pipeline serve clean
 
 ## torch 2.14.1 brings its CUDA libraries: the environment takes about 8 GB, so a first install checks for 9 GB free.
+## --no-compile: pip would byte-compile all 24,700 .py files of the environment (69 s on one core here); Python compiles the
+## few thousand a process imports on first use instead, and keeps them.
 NEED_GB := 9
 $(STAMP): settings.ini setup.py
 	@ls -d $(VENV)/lib/python*/site-packages/torch >/dev/null 2>&1 || { free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	  [ "$$free" -ge $(NEED_GB) ] || { echo "make install: $$free GB free on this disk; the environment (torch 2.14.1 with its CUDA libraries) needs about $(NEED_GB) GB" >&2; exit 1; }; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
@@ -33,7 +35,7 @@ demo: install
 	$(OFFLINE) $(BIN)/clip-har pipeline --demo
 	cd demo && $(OFFLINE) $(abspath $(BIN))/clip-har runs
 
-## Every check, one phase after another, each timed, disk in use sampled; at the end a table of the phases, the peak disk and the 20 slowest tests
+## Every check, one phase after another, each timed with the share of the CPUs it kept busy, disk in use sampled; at the end a table of the phases, the peak disk and the 20 slowest tests
 ## (tools/summary.py, from outputs/test-run/), whose last line is pytest's count. Every temporary file of the run
 ## (pytest's, the notebooks', wandb's, torchrun's, chromium's profiles) goes to one folder, removed at the end, so the
 ## run leaves nothing in /tmp; compiled kernels are kept in .cache/torchinductor, shared by the run's processes and the next run.
@@ -44,10 +46,11 @@ test:
 	run_tmp=$$(mktemp -d /tmp/clip-har-test-XXXXXX); chmod 1777 $$run_tmp; \
 	export TMPDIR=$$run_tmp TORCHINDUCTOR_CACHE_DIR=$${TORCHINDUCTOR_CACHE_DIR:-$(CURDIR)/.cache/torchinductor}; \
 	disk_kb() { df -Pk . /tmp | awk 'NR > 1 && !seen[$$1]++ {s += $$3} END {print s}'; }; \
+	cpu_ticks() { awk '/^cpu / {print $$2 + $$3 + $$4 + $$7 + $$8, $$2 + $$3 + $$4 + $$5 + $$6 + $$7 + $$8}' /proc/stat 2>/dev/null || echo 0 0; }; \
 	( while :; do disk_kb; sleep 2; done ) > $(TEST_RUN)/disk-kb.txt & sampler=$$!; \
 	for phase in $(PHASES); do \
-	  t0=$$(date +%s%N); $(MAKE) --no-print-directory $$phase; rc=$$?; \
-	  printf '%s\t%s\t%s\n' $$phase $$(( ($$(date +%s%N) - t0) / 1000000 )) $$rc >> $(TEST_RUN)/phases.tsv; \
+	  t0=$$(date +%s%N); c0=$$(cpu_ticks); $(MAKE) --no-print-directory $$phase; rc=$$?; c1=$$(cpu_ticks); \
+	  printf '%s\t%s\t%s\t%s\n' $$phase $$(( ($$(date +%s%N) - t0) / 1000000 )) $$rc "$$(echo $$c0 $$c1 | awk '{print $$3 - $$1 "\t" $$4 - $$2}')" >> $(TEST_RUN)/phases.tsv; \
 	  [ $$phase = install ] && disk_kb > $(TEST_RUN)/disk-base-kb.txt; \
 	  [ $$rc -eq 0 ] || break; \
 	done; \

@@ -1,15 +1,16 @@
-"""The summary `make test` prints at its end: seconds per phase (install, check, nbtest, docs, pytest), the most disk
+"""The summary `make test` prints at its end: seconds per phase (install, check, nbtest, docs, pytest) and the share of the CPUs each kept busy, the most disk
 the run used above the installed environment, what it left in /tmp, and the 20 slowest tests, from the phase times the Makefile writes and pytest's JUnit XML; the last line is pytest's count.
 Standard library only: it runs even when the install phase failed."""
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
 
-def phases(folder: Path) -> list[tuple[str, float, int]]:
-    "(phase, seconds, exit status) as the Makefile wrote them."
+def phases(folder: Path) -> list[tuple[str, float, int, float|None]]:
+    "(phase, seconds, exit status, share of the CPUs busy or None) as the Makefile wrote them (busy and all CPU ticks of /proc/stat)."
     rows = []
     for line in (folder/'phases.tsv').read_text().splitlines() if (folder/'phases.tsv').exists() else []:
-        name, ms, rc = line.split('\t')
-        rows.append((name, int(ms) / 1000, int(rc)))
+        name, ms, rc, *ticks = line.split('\t')
+        busy, total = (int(t) for t in ticks) if len(ticks) == 2 else (0, 0)
+        rows.append((name, int(ms) / 1000, int(rc), busy / total if total > 0 else None))
     return rows
 
 def tests(folder: Path) -> list[tuple[float, str, str]]:
@@ -38,10 +39,11 @@ def peak_disk_gb(folder: Path) -> float|None:
 def summary(folder: Path, slowest: int = 20) -> str:
     "The phase table, what the run left in /tmp, the slowest tests and pytest's count, as markdown."
     rows, cases, left = phases(folder), tests(folder), left_in_tmp(folder)
-    lines = ['', '## make test: the phases', '', '| phase | seconds | minutes | result |', '|---|---:|---:|---|']
-    lines += [f'| {n} | {s:.0f} | {s / 60:.1f} | {"ok" if rc == 0 else f"failed ({rc})"} |' for n, s, rc in rows]
-    total = sum(s for _, s, _ in rows)
-    lines += [f'| **all** | **{total:.0f}** | **{total / 60:.1f}** | |']
+    lines = ['', '## make test: the phases', '', '| phase | seconds | minutes | CPUs busy | result |', '|---|---:|---:|---:|---|']
+    pct = lambda b: '' if b is None else f'{100 * b:.0f}%'
+    lines += [f'| {n} | {s:.0f} | {s / 60:.1f} | {pct(b)} | {"ok" if rc == 0 else f"failed ({rc})"} |' for n, s, rc, b in rows]
+    total = sum(s for _, s, *_ in rows)
+    lines += [f'| **all** | **{total:.0f}** | **{total / 60:.1f}** | | |']
     disk = peak_disk_gb(folder)
     if disk is not None: lines += ['', f'Peak disk in use above the installed environment: {disk:.1f} GB (sampled every 2 s)']
     if left is not None:
