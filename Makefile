@@ -11,15 +11,13 @@ DEMO_SOURCE := $(shell [ -f ../shared/data/har-mini/labels.csv ] && echo ../shar
 .PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train bench-infer bench-serve bench-pipeline serve clean
 
 ## torch 2.14.1 brings its CUDA libraries: the environment takes about 8 GB, so a first install checks for 9 GB free.
-## --no-compile: pip would byte-compile all 24,700 .py files of the environment (69 s on one core here); Python compiles the
-## few thousand a process imports on first use instead, and keeps them.
 NEED_GB := 9
 $(STAMP): settings.ini setup.py
 	@ls -d $(VENV)/lib/python*/site-packages/torch >/dev/null 2>&1 || { free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	  [ "$$free" -ge $(NEED_GB) ] || { echo "make install: $$free GB free on this disk; the environment (torch 2.14.1 with its CUDA libraries) needs about $(NEED_GB) GB" >&2; exit 1; }; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
