@@ -273,6 +273,7 @@ def trace_onnx(image:nn.Module, text:nn.Module, # `ImageGraph` and `TextGraph`
                 text=export_onnx(text, tokens, folder/'text.onnx', 'tokens', ['embeddings'], opset))
 
 def _placed(src:Path, dst:Path) -> Path:
+    "`src` copied to `dst` (nothing to do when they are the same file); `dst`."
     if src != dst: shutil.copyfile(src, dst)
     return dst
 
