@@ -20,12 +20,13 @@ from .metrics import classification_metrics, write_metrics
 __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'COMPILE_MIN_PARAMS', 'ModelLoadError', 'read_checkpoint',
            'load_state_dict_checked', 'Clip', 'uses_quick_gelu', 'tag_quick_gelu', 'load_clip', 'save_clip_folder',
            'same_weights', 'hf_cache_layout', 'imagenet_templates', 'phrases_for', 'class_prompts', 'check_labels',
-           'text_fingerprint', 'encode_prompts', 'class_embeddings', 'ZeroShotHead', 'ZeroShotClassifier', 'LinearHead',
-           'MLPHead', 'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier', 'clip_classifier', 'clip_splitter',
-           'splits_at_blocks', 'tower_below', 'tower_above', 'backbone_meta', 'backbone_from_meta', 'atomic_save',
-           'unwrap', 'full_state_dict', 'CheckpointError', 'save_classifier', 'read_classifier_meta', 'load_classifier',
-           'grads_flagged', 'compile_pass', 'batch_runner', 'predict_logits', 'FusedQuickGELU', 'fuse_quick_gelu',
-           'set_patch_dropout', 'precision_check', 'evaluate_zeroshot', 'benchmark_classifier_build']
+           'text_fingerprint', 'encode_text', 'encode_prompts', 'class_embeddings', 'ZeroShotHead',
+           'ZeroShotClassifier', 'LinearHead', 'MLPHead', 'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier',
+           'clip_classifier', 'clip_splitter', 'splits_at_blocks', 'tower_below', 'tower_above', 'backbone_meta',
+           'backbone_from_meta', 'atomic_save', 'unwrap', 'full_state_dict', 'CheckpointError', 'save_classifier',
+           'read_classifier_meta', 'load_classifier', 'grads_flagged', 'compile_pass', 'batch_runner', 'predict_logits',
+           'FusedQuickGELU', 'fuse_quick_gelu', 'set_patch_dropout', 'precision_check', 'evaluate_zeroshot',
+           'benchmark_classifier_build']
 
 # %% ../nbs/03_model.ipynb #0ef7e6b6
 class ModelLoadError(ClipHarError, ValueError):
@@ -304,6 +305,24 @@ def text_fingerprint(clip:Clip) -> str:
         h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/03_model.ipynb #2e5d15d2
+def encode_text(model:nn.Module, # an open_clip model
+                tokens:torch.Tensor, # (N, context length) token ids from its tokenizer
+               ) -> torch.Tensor:
+    "`model.encode_text(tokens)`, with a causal text tower run only up to the longest prompt's end-of-text token."
+    import open_clip
+    pool = getattr(model, 'text_pool_type', None)
+    if type(model).encode_text is not open_clip.model.CLIP.encode_text or model.attn_mask is None or pool not in ('argmax', 'eos'):
+        return model.encode_text(tokens)
+    eos = getattr(model, 'text_eos_id', None)
+    n = int((tokens.argmax(-1) if pool == 'argmax' else (tokens == eos).int().argmax(-1)).max()) + 1
+    tokens, cast = tokens[:, :n], model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = open_clip.transformer.text_global_pool(x, tokens, pool, eos_token_id=eos)
+    if model.text_projection is None: return x
+    return model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+
 # %% ../nbs/03_model.ipynb #e9fd9196
 @torch.no_grad()
 def encode_prompts(clip:Clip, # the model
@@ -316,7 +335,7 @@ def encode_prompts(clip:Clip, # the model
     embs = []
     for i in range(0, len(flat), batch_size):
         toks = clip.tokenizer(flat[i:i + batch_size]).to(device)
-        embs.append(F.normalize(clip.model.encode_text(toks).float(), dim=-1))
+        embs.append(F.normalize(encode_text(clip.model, toks).float(), dim=-1))
     embs = torch.cat(embs)
     out, i = [], 0
     for ps in prompts:

@@ -63,7 +63,7 @@ class FlypClassifier(nn.Module):
         device = self.model.logit_scale.device
         if self.training:
             picks = [ps[np.random.randint(len(ps))] for ps in self.prompts]
-            return F.normalize(self.model.encode_text(self.clip.tokenizer(picks).to(device)), dim=-1)
+            return F.normalize(encode_text(self.model, self.clip.tokenizer(picks).to(device)), dim=-1)
         if self._eval_emb is None: self._eval_emb = encode_prompts(self.clip, self.prompts).to(device)
         return self._eval_emb
     def forward(self, images):

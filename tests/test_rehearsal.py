@@ -41,7 +41,7 @@ def test_vit_b16_openai_is_the_network_its_weights_were_trained_as(hf_home, phot
     "Tag, checkpoint file and local-dir: folder all build OpenAI's network (QuickGELU), equal to open_clip's reference within 1e-5."
     import open_clip, torch
     from clip_har.data import image_batch
-    from clip_har.model import load_clip, save_clip_folder, uses_quick_gelu
+    from clip_har.model import encode_text, load_clip, save_clip_folder, uses_quick_gelu
     ref, transform, tok = reference(hf_home)
     images = torch.stack([transform(__import__('PIL.Image', fromlist=['Image']).open(p).convert('RGB')) for p in photos[:4]])
     tokens = tok(['a photo of a person running.', 'a photo of someone texting on a phone.'])
@@ -62,6 +62,9 @@ def test_vit_b16_openai_is_the_network_its_weights_were_trained_as(hf_home, phot
         diffs = [float((g - w).abs().max()) for g, w in zip(got, want)]
         print(f'{name}: max |image emb diff| {diffs[0]:.2e}, max |text emb diff| {diffs[1]:.2e}')
         assert max(diffs) <= 1e-5, (name, diffs)
+    with torch.no_grad(): trimmed = float((encode_text(clip.model, tokens) - want[1]).abs().max())
+    print(f"text tower run only to the longest prompt's end: max |text emb diff| {trimmed:.2e}")
+    assert trimmed <= 1e-5
     gelu = open_clip.create_model('ViT-B-16', pretrained=str(ckpt))  # the plain config: GELU, the network the weights were not trained as
     off = float((embeddings(gelu, images, tokens)[0] - want[0]).abs().max())
     print(f'the same weights built with GELU: max |image emb diff| {off:.3f}')
