@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #1d05f645
 from __future__ import annotations
-import copy, json, os, time
+import copy, json, os, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import contextmanager
@@ -537,6 +537,9 @@ def join_run(cfg:Config) -> tuple[str|None, torch.device, int]:
     if mode:
         if device.type == 'cuda': device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         init_distributed(device)
+        if cfg.data.num_workers and (3, 11) <= sys.version_info < (3, 11, 8):
+            get_logger('train').warning(f'Python {sys.version.split()[0]} can deadlock a data-loader worker forked beside the process group\'s threads '
+                                        '(CPython gh-112275, fixed in 3.11.8): use a newer Python, or data.num_workers=0 under torchrun')
     return mode, device, rank_distrib()
 
 # %% ../nbs/05_train.ipynb #813cc848
