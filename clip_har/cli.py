@@ -16,7 +16,7 @@ from .core import *
 __all__ = ['COMMANDS', 'COMMON', 'SPLITS', 'MODEL_ARG', 'Arg', 'command', 'add_command', 'build_parser', 'run_command',
            'run_validate', 'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote',
            'release_model', 'run_hub', 'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_monitor',
-           'run_feedback', 'run_dashboard', 'run_pipeline_cmd', 'run_retrain', 'main']
+           'run_feedback', 'run_dashboard', 'without_iri_format_checker', 'run_pipeline_cmd', 'run_retrain', 'main']
 
 # %% ../nbs/12_cli.ipynb #30357a0f
 class Arg:
@@ -380,6 +380,11 @@ def _pipeline_folder(demo:bool, params:str, overrides:Sequence[str]) -> Path:
     write_demo_params('demo', params if Path(params).is_file() else None, ov.pop('data.source', None), ov)
     return Path('demo')
 
+# %% ../nbs/12_cli.ipynb #118dbd86
+def without_iri_format_checker():
+    "Keep `jsonschema` from loading `rfc3987_syntax` in this process (it then skips only the `iri` formats, which notebooks never use)."
+    sys.modules.setdefault('rfc3987_syntax', None)  # a None entry: `import rfc3987_syntax` raises ImportError, which jsonschema expects
+
 # %% ../nbs/12_cli.ipynb #51b12809
 @command(name='pipeline')
 def run_pipeline_cmd(cfg:Config,
@@ -393,6 +398,7 @@ def run_pipeline_cmd(cfg:Config,
     if write_dvc:
         print(json.dumps([str(write_dvc_yaml('.')), str(write_dvc_yaml('demo', '../'))])); return 0
     if stage:
+        without_iri_format_checker()
         print(json.dumps({'stage': stage, 'record': str(run_stage(stage, params, _override_dict(overrides), progress=not quiet))}))
         return 0
     folder = _pipeline_folder(demo, params, overrides)
