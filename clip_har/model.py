@@ -20,7 +20,7 @@ from .metrics import classification_metrics, write_metrics
 __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'COMPILE_MIN_PARAMS', 'ModelLoadError', 'read_checkpoint',
            'load_state_dict_checked', 'Clip', 'uses_quick_gelu', 'tag_quick_gelu', 'load_clip', 'save_clip_folder',
            'same_weights', 'hf_cache_layout', 'imagenet_templates', 'phrases_for', 'class_prompts', 'check_labels',
-           'text_fingerprint', 'encode_text', 'encode_prompts', 'class_embeddings', 'ZeroShotHead',
+           'encode_text', 'encode_prompts', 'text_fingerprint', 'class_embeddings', 'ZeroShotHead',
            'ZeroShotClassifier', 'LinearHead', 'MLPHead', 'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier',
            'clip_classifier', 'clip_splitter', 'splits_at_blocks', 'tower_below', 'tower_above', 'backbone_meta',
            'backbone_from_meta', 'atomic_save', 'unwrap', 'full_state_dict', 'CheckpointError', 'save_classifier',
@@ -296,15 +296,6 @@ def check_labels(labels:Sequence[str]) -> list[str]:
     if dups: raise ValueError(f'duplicated labels: {dups}')
     return labels
 
-# %% ../nbs/03_model.ipynb #b0b2c8ec
-def text_fingerprint(clip:Clip) -> str:
-    "A hash of the text tower's weights (and logit scale): equal weights, equal fingerprint."
-    h = hashlib.blake2b(digest_size=16)
-    for k, v in sorted(clip.model.state_dict().items()):
-        if k.startswith('visual.'): continue
-        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
 # %% ../nbs/03_model.ipynb #2e5d15d2
 def encode_text(model:nn.Module, # an open_clip model
                 tokens:torch.Tensor, # (N, context length) token ids from its tokenizer
@@ -341,6 +332,15 @@ def encode_prompts(clip:Clip, # the model
     for ps in prompts:
         out.append(F.normalize(embs[i:i + len(ps)].mean(0), dim=-1)); i += len(ps)
     return torch.stack(out).cpu()
+
+# %% ../nbs/03_model.ipynb #b0b2c8ec
+def text_fingerprint(clip:Clip) -> str:
+    "A hash of the text tower's weights (and logit scale): equal weights, equal fingerprint."
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in sorted(clip.model.state_dict().items()):
+        if k.startswith('visual.'): continue
+        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 # %% ../nbs/03_model.ipynb #66d77f06
 def class_embeddings(clip:Clip, # the model
