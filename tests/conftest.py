@@ -6,6 +6,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OFFLINE = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'WANDB_MODE': 'offline'}
+os.environ.update(OFFLINE)  # this process too: `clip_har_here` runs commands in it, and the Hub libraries read these at import
 
 def env(**kw) -> dict:
     "The test environment: offline, with the venv's commands first on PATH."
@@ -20,6 +21,26 @@ def run(*args, cwd=ROOT, timeout=600, check=False, **kw) -> subprocess.Completed
 def clip_har(*args, **kw) -> subprocess.CompletedProcess:
     "Run the installed `clip-har` command."
     return run(BIN/'clip-har', *args, **kw)
+
+def clip_har_here(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """`clip-har` run in this process: `clip_har.cli.main`, the function the installed command calls, with its output captured.
+    For the many bad-input cases: the same parser, config, checks, message and exit status, without a new process's start-up
+    (about 5 s of imports each); every command is also run as the installed one by the tests of what it does."""
+    import contextlib, io, logging, traceback
+    from clip_har.cli import main
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    log = logging.getLogger('clip_har'); level = log.level
+    streams = [(h, h.setStream(err)) for h in log.handlers if isinstance(h, logging.StreamHandler)]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try: code = main([str(a) for a in args])
+            except SystemExit as e: code = e.code  # argparse's usage errors
+            except Exception: traceback.print_exc(); code = 1  # what the interpreter would print, and its status
+    finally:
+        os.chdir(here); log.setLevel(level)
+        for h, stream in streams: h.setStream(stream)
+    return subprocess.CompletedProcess(['clip-har', *map(str, args)], code, out.getvalue(), err.getvalue())
 
 @pytest.fixture(scope='session')
 def har_mini() -> Path:

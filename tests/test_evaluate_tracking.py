@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import clip_har, copy_checkout, env, run, run_paths, prepare_real_images, start, stop, BIN, ROOT
+from conftest import clip_har, clip_har_here, copy_checkout, env, run, run_paths, prepare_real_images, start, stop, BIN, ROOT
 
 from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, har_mini_dir
 
@@ -187,13 +187,13 @@ def test_evaluate_bad_data(prepared, evaluated, tmp_path, change, message):
     m = pd.read_csv(prepared/'data'/'prepared'/'manifest.csv')
     m['path'] = [str((prepared/'data'/'prepared'/p).resolve()) for p in m.path]
     change(m).to_csv(tmp_path/'manifest.csv', index=False)
-    r = clip_har('evaluate', *_paths(prepared), *SMOKE, '--manifest', tmp_path/'manifest.csv', '--out', tmp_path/'e', '-q')
+    r = clip_har_here('evaluate', *_paths(prepared), *SMOKE, '--manifest', tmp_path/'manifest.csv', '--out', tmp_path/'e', '-q')
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
 def test_evaluate_missing_or_corrupt_model(prepared, tmp_path):
-    r = clip_har('evaluate', *_paths(prepared), '--model', tmp_path/'none.pt', '-q')
+    r = clip_har_here('evaluate', *_paths(prepared), '--model', tmp_path/'none.pt', '-q')
     assert r.returncode == 2 and 'no such model file' in r.stderr, r.stderr
     (tmp_path/'bad.pt').write_bytes(b'not a torch file')
-    r = clip_har('evaluate', *_paths(prepared), '--model', tmp_path/'bad.pt', '-q')
+    r = clip_har_here('evaluate', *_paths(prepared), '--model', tmp_path/'bad.pt', '-q')
     assert r.returncode == 2 and 'not a readable model file' in r.stderr and 'Traceback' not in r.stderr, r.stderr
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from conftest import clip_har, run, run_paths, BIN
+from conftest import clip_har, clip_har_here, run, run_paths, BIN
 
 from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir
 
@@ -88,11 +88,11 @@ def test_bad_models_are_clear_errors(exported, tmp_path, model, extra, message):
         if model == 'no-manifest': (tmp_path/model/'manifest.json').unlink()
         path = tmp_path/model
     else: path = exp/model
-    r = clip_har('predict', fixtures_dir()/'valid'/'eating', '--model', path, *extra, '--out', tmp_path/'p.parquet', '-q')
+    r = clip_har_here('predict', fixtures_dir()/'valid'/'eating', '--model', path, *extra, '--out', tmp_path/'p.parquet', '-q')
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
 
 def test_a_failing_parity_check_fails_the_export(exported, tmp_path):
-    r = clip_har('export', *_paths(exported), *SMOKE, '--set', 'export.precisions=[fp32]', '--set', 'export.thresholds.fp32.max_abs=1.0e-12',
+    r = clip_har_here('export', *_paths(exported), *SMOKE, '--set', 'export.precisions=[fp32]', '--set', 'export.thresholds.fp32.max_abs=1.0e-12',
                  '--out', tmp_path/'strict', '-q')
     assert r.returncode == 2 and 'onnx fp32: max |logit difference|' in r.stderr, r.stderr[-2000:]
     assert not any((tmp_path/'strict').glob('*/manifest.json'))

@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import clip_har
+from conftest import clip_har, clip_har_here
 
 from clip_har.core import TINY_MODEL, TINY_MODEL_CFG, fixtures_dir, har_mini_dir
 from clip_har.model import load_clip
@@ -61,7 +61,7 @@ def _foreign_checkpoint(path: Path) -> Path:
 ])
 def test_zeroshot_bad_input(tmp_path, overrides, message):
     args = [a for o in overrides for a in ('--set', o)]
-    r = clip_har('zeroshot', '--manifest', tmp_path/'m.csv', *args, '-q', cwd=tmp_path)
+    r = clip_har_here('zeroshot', '--manifest', tmp_path/'m.csv', *args, '-q', cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert 'Traceback' not in r.stderr
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import clip_har, env, run, run_paths, prepare_real_images, BIN, ROOT
+from conftest import clip_har, clip_har_here, env, run, run_paths, prepare_real_images, BIN, ROOT
 
 from clip_har.core import TINY_MODEL, fixtures_dir
 
@@ -75,17 +75,17 @@ def test_sigkill_mid_run_then_resume(prepared_har_mini, tmp_path):
     (['--set', 'train.precision=fp16'], 'precision fp16 needs a CUDA device'),
 ])
 def test_train_bad_input(prepared, extra, message):
-    r = clip_har('train', *_paths(prepared), *SMOKE, *extra, '-q')
+    r = clip_har_here('train', *_paths(prepared), *SMOKE, *extra, '-q')
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert 'Traceback' not in r.stderr
 
 def test_resume_from_a_foreign_checkpoint_is_refused(prepared, tmp_path):
     torch.save({'state_dict': {'w': torch.zeros(2)}}, tmp_path/'foreign.pt')
-    r = clip_har('train', *_paths(prepared), *SMOKE, '--resume', tmp_path/'foreign.pt', '-q')
+    r = clip_har_here('train', *_paths(prepared), *SMOKE, '--resume', tmp_path/'foreign.pt', '-q')
     assert r.returncode == 2 and 'not a clip_har training checkpoint' in r.stderr, r.stderr
     r = clip_har('train', *_paths(prepared), *SMOKE, *_stages(1), '--out', tmp_path/'a', '-q')
     assert r.returncode == 0, r.stderr
-    r = clip_har('train', *_paths(prepared), *SMOKE, '--set', 'data.labels=[eating, running]', '--resume', tmp_path/'a'/'checkpoints'/'last.pt', '-q')
+    r = clip_har_here('train', *_paths(prepared), *SMOKE, '--set', 'data.labels=[eating, running]', '--resume', tmp_path/'a'/'checkpoints'/'last.pt', '-q')
     assert r.returncode == 2 and 'made for another run: labels' in r.stderr, r.stderr
 
 def _free_port() -> int:
