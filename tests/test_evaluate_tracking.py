@@ -85,7 +85,7 @@ def test_training_against_a_tracking_server_registers_a_model_that_serves(prepar
     assert promoted.returncode == 0 and json.loads(promoted.stdout.splitlines()[-1])['release']['was'] == '/models/onnx-fp32', promoted.stderr
     assert yaml.safe_load((tmp_path/'deployment.yaml').read_text())['spec']['template']['spec']['containers'][0]['args'][:2] == ['--model', '/models/har-clip/1/onnx-fp32']
     assert client.get_model_version_by_alias('har-clip', 'production').version == '1'
-    bad = clip_har('promote', '99', *track, '-q')
+    bad = clip_har_here('promote', '99', *track, '-q')
     assert bad.returncode == 2 and 'cannot promote version 99 of har-clip' in bad.stderr, bad.stderr
 
     mlflow.set_tracking_uri(mlflow_server)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx, pytest, yaml
 
-from conftest import BIN, ROOT, clip_har, copy_checkout, run
+from conftest import BIN, ROOT, clip_har, clip_har_here, copy_checkout, run
 from clip_har.core import TINY_MODEL, fixtures_dir
 
 ARTIFACTS = ['data/prepared/manifest.csv', 'data/prepared/validation/report.json', 'outputs/zeroshot/metrics.json', 'outputs/train/model.pt',
@@ -154,7 +154,7 @@ def test_a_failing_stage_names_its_notebook_and_cell_and_keeps_it(demo, tmp_path
     (['--set', 'data.batch_size=8'], 'the main job reads params.yaml as it is'),
 ])
 def test_bad_parameters_are_one_line_errors(args, message):
-    r = clip_har('pipeline', *args, cwd=ROOT, timeout=120)
+    r = clip_har_here('pipeline', *args, cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
 def test_the_main_job_offline_fails_in_seconds_naming_the_fix():

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx, pytest
 from PIL import Image
 
-from conftest import BIN, ROOT, env, start, stop, tool
+from conftest import BIN, ROOT, clip_har_here, env, start, stop, tool
 from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, file_sha256
 from clip_har.serve import InferenceClient, ClientError, free_port, load_test
 
@@ -301,9 +301,9 @@ def test_several_workers_share_the_metrics(model, tmp_path):
     assert prom() == []  # removed when the service stops
 
 def test_serve_errors_are_one_line(tmp_path):
-    r = subprocess.run([str(BIN/'clip-har'), 'serve', '--model', str(tmp_path/'none.pt')], env=env(), capture_output=True, text=True, timeout=120)
+    r = clip_har_here('serve', '--model', tmp_path/'none.pt')
     assert r.returncode == 2 and 'none.pt: no such model file or export folder' in r.stderr
-    r = subprocess.run([str(BIN/'clip-har'), 'serve', '--model', str(tmp_path), '--port', '99999'], env=env(), capture_output=True, text=True, timeout=120)
+    r = clip_har_here('serve', '--model', tmp_path, '--port', '99999')
     assert r.returncode == 2 and "serve.port" in r.stderr
 
 def test_deployment_files_are_valid():
