@@ -18,10 +18,10 @@ __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'CPU_COST_DEFAULTS', '
            'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig',
            'BenchmarkConfig', 'ServeConfig', 'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches',
            'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags',
-           'resolve_precision', 'autocast', 'resolve_auto_defaults', 'hub_offline', 'hub_reachable',
-           'register_test_models', 'file_sha256', 'atomic_path', 'atomic_write', 'running_benchmarks',
-           'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir',
-           'trained_model_path']
+           'resolve_precision', 'autocast', 'resolve_auto_defaults', 'hub_offline', 'hub_reachable', 'modules_hidden',
+           'import_open_clip', 'register_test_models', 'file_sha256', 'atomic_path', 'atomic_write',
+           'running_benchmarks', 'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir',
+           'har_mini_dir', 'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -443,6 +443,24 @@ def hub_reachable(timeout:float=3.0) -> bool:
         with socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout=timeout): return True
     except OSError: return False
 
+# %% ../nbs/00_core.ipynb #770720e4
+@contextmanager
+def modules_hidden(*names:str): # top-level modules not to import in the block
+    "Within the block, importing `names` raises ImportError, as if they were not installed; modules already imported are left alone."
+    hidden = [n for n in names if n not in sys.modules]
+    for n in hidden: sys.modules[n] = None
+    try: yield
+    finally:
+        for n in hidden:
+            if n in sys.modules and sys.modules[n] is None: del sys.modules[n]
+
+# %% ../nbs/00_core.ipynb #d21ed632
+def import_open_clip():
+    "The open_clip module, imported the first time without timm's optional import of wandb."
+    if 'open_clip' not in sys.modules:
+        with modules_hidden('wandb'): import open_clip
+    return sys.modules['open_clip']
+
 # %% ../nbs/00_core.ipynb #5d7fa4d8
 TINY_MODEL = 'clip-har-tiny-test'
 TINY_MODEL_CFG = dict(embed_dim=64,
@@ -451,7 +469,8 @@ TINY_MODEL_CFG = dict(embed_dim=64,
 
 def register_test_models() -> str:
     "Register the tiny test CLIP with open_clip (idempotent); return its name."
-    import open_clip, tempfile, json
+    import tempfile, json
+    open_clip = import_open_clip()
     if open_clip.get_model_config(TINY_MODEL) is None:
         with tempfile.TemporaryDirectory(prefix='clip_har_cfg_') as d:  # open_clip reads the file at once and keeps the config
             (Path(d)/f'{TINY_MODEL}.json').write_text(json.dumps(TINY_MODEL_CFG))

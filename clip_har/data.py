@@ -441,7 +441,7 @@ def clip_preprocess_cfg(model_name:str='ViT-B-16', # an open_clip model name
                         pretrained:str|None='openai', # a pretrained tag of that model, if any
                        ) -> dict:
     "Input size, mean, std, interpolation and resize mode that open_clip uses for `model_name`/`pretrained`."
-    import open_clip
+    open_clip = import_open_clip()
     register_test_models()
     mcfg = open_clip.get_model_config(model_name)
     if mcfg is None:
@@ -457,6 +457,7 @@ def clip_preprocess_cfg(model_name:str='ViT-B-16', # an open_clip model name
 def clip_transform(preprocess:dict|None=None, # size, mean, std, interpolation, resize_mode; OpenAI CLIP's at 224 px by default
                   ):
     "open_clip's own evaluation transform: a PIL image to the normalised tensor the weights were evaluated on."
+    import_open_clip()
     from open_clip.transform import PreprocessCfg, image_transform_v2
     pp = {**CLIP_PREPROCESS, **(preprocess or {})}
     return image_transform_v2(PreprocessCfg(size=int(pp['size']), mean=tuple(pp['mean']), std=tuple(pp['std']),

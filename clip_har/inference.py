@@ -112,7 +112,7 @@ def predict(self:Predictor, images:Sequence, # paths, encoded bytes or PIL image
 @patch
 def encode_text(self:Predictor, texts:Sequence[str]) -> np.ndarray:
     "Normalised text embeddings (N, D) through the backend's text encoder."
-    import open_clip
+    open_clip = import_open_clip()
     register_test_models()
     if self._text_run is None:
         run = runner(self.manifest, 'text', self._device, self._providers)

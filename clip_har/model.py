@@ -40,7 +40,7 @@ def _schema(name:str) -> str|None:
 
 def _check_name(name:str, pretrained:str|None):
     "Raise `ModelLoadError` for an unknown model name or a tag the model lacks."
-    import open_clip
+    open_clip = import_open_clip()
     register_test_models()
     if open_clip.get_model_config(name) is None:
         close = close_matches(name, open_clip.list_models())
@@ -113,12 +113,13 @@ class Clip:
 
 def uses_quick_gelu(model:nn.Module) -> bool:
     "Whether `model`'s transformer blocks use QuickGELU (as OpenAI's CLIP weights were trained) rather than GELU."
+    import_open_clip()
     from open_clip.transformer import QuickGELU
     return any(isinstance(m, QuickGELU) for m in model.modules())
 
 # %% ../nbs/03_model.ipynb #e8f30def
 def _preprocess_of(model) -> dict:
-    import open_clip
+    open_clip = import_open_clip()
     pc = open_clip.get_model_preprocess_cfg(model)
     size = pc.get('size', 224)
     return dict(size=int(size[0] if isinstance(size, (tuple, list)) else size), mean=tuple(pc['mean']), std=tuple(pc['std']),
@@ -129,7 +130,7 @@ def tag_quick_gelu(name:str, # an open_clip model name
                    pretrained:str|None, # one of its pretrained tags (anything else: None)
                   ) -> bool|None:
     "Whether the weights of a pretrained tag were trained with QuickGELU, from open_clip's pretrained config; None if not a tag."
-    import open_clip
+    open_clip = import_open_clip()
     if not pretrained or _schema(name) or _is_path_like(pretrained): return None
     cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
     return bool(cfg['quick_gelu']) if 'quick_gelu' in cfg else (False if cfg else None)
@@ -159,7 +160,7 @@ def load_clip(name:str='ViT-B-16', # open_clip name, `hf-hub:<org>/<repo>` or `l
               weights_follow:bool=False, # the caller fills the weights next (no "random weights" warning)
              ) -> Clip:
     "Load an open_clip backbone, built as its weights were trained, with its tokenizer and preprocessing; errors say what to fix."
-    import open_clip
+    open_clip = import_open_clip()
     register_test_models()
     schema = _schema(name)
     ckpt = Path(pretrained).expanduser() if pretrained and (_is_path_like(pretrained) or Path(pretrained).expanduser().exists()) else None
@@ -264,6 +265,7 @@ HAR_PHRASES = {
 
 def imagenet_templates() -> tuple[str, ...]:
     "CLIP's 80 ImageNet prompt templates, from open_clip, as format strings for 'person {phrase}'."
+    import_open_clip()
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
     return tuple(t('person {}') for t in OPENAI_IMAGENET_TEMPLATES)
 
@@ -301,7 +303,7 @@ def encode_text(model:nn.Module, # an open_clip model
                 tokens:torch.Tensor, # (N, context length) token ids from its tokenizer
                ) -> torch.Tensor:
     "`model.encode_text(tokens)`, with a causal text tower run only up to the longest prompt's end-of-text token."
-    import open_clip
+    open_clip = import_open_clip()
     pool = getattr(model, 'text_pool_type', None)
     if type(model).encode_text is not open_clip.model.CLIP.encode_text or model.attn_mask is None or pool not in ('argmax', 'eos'):
         return model.encode_text(tokens)
@@ -665,6 +667,7 @@ class FusedQuickGELU(nn.Module):
 
 def fuse_quick_gelu(model:nn.Module) -> int:
     "Swap every open_clip QuickGELU in `model` for `FusedQuickGELU`; how many."
+    import_open_clip()
     from open_clip.transformer import QuickGELU
     n = 0
     for parent in model.modules():
@@ -677,6 +680,7 @@ def set_patch_dropout(model:nn.Module, # a classifier or image tower holding an 
                       share:float, # of each image's patch tokens dropped in training (0: none)
                      ) -> int:
     "Give every open_clip vision transformer in `model` open_clip's `PatchDropout(share)` (identity at 0); how many."
+    import_open_clip()
     from open_clip.transformer import PatchDropout, VisionTransformer
     towers = [m for m in model.modules() if isinstance(m, VisionTransformer)]
     for t in towers: t.patch_dropout = PatchDropout(share) if share > 0 else nn.Identity()

@@ -227,7 +227,7 @@ def dataset_cached(repo_id:str) -> Path|None:
 # %% ../nbs/11_pipeline.ipynb #79d8b18d
 def weights_cached(name:str, tag:str) -> Path|None:
     "The weights file open_clip would download for (`name`, `tag`), if the Hugging Face cache holds it."
-    import open_clip
+    open_clip = import_open_clip()
     from huggingface_hub import try_to_load_from_cache
     register_test_models()
     hf = ((open_clip.get_pretrained_cfg(name, tag) or {}).get('hf_hub') or '').strip('/')
@@ -319,7 +319,8 @@ def rehearsal_weights(hf_home:str|Path, # becomes HF_HOME
                       revision:str='7e3d1c9a' * 5, # the snapshot's commit hash
                       seed:int=0) -> Path:
     "Write random weights of `model`'s real shapes where open_clip's download of `tag` would leave them; return the file."
-    import open_clip, torch
+    import torch
+    open_clip = import_open_clip()
     from safetensors.torch import save
     register_test_models()
     hf = (open_clip.get_pretrained_cfg(model, tag) or {}).get('hf_hub', '').strip('/')
