@@ -9,7 +9,7 @@ def main():
     from nbdev.serve import proc_nbs
     from nbdev.doclinks import _build_modidx
     _build_modidx()
-    proc = proc_nbs(str(root/'nbs'), n_workers=1, force=True)  # runs each notebook's exports + show_doc cells
+    proc = proc_nbs(str(root/'nbs'), n_workers=2, force=True)  # runs each notebook's exports + show_doc cells
     for f in ('_quarto.yml', 'styles.css'): shutil.copy(root/f, proc/f)
     shutil.rmtree(proc/'fixtures', ignore_errors=True)
     quarto = shutil.which('quarto')
