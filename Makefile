@@ -18,7 +18,7 @@ $(STAMP): settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
-	@# The environment is byte-compiled here, on every core (pip compiles its 24,700 files on one: 69 s; this, 42 s on 2): it must
+	@# The environment is byte-compiled here, on every core (pip compiles all 24,700 files on one: 69 s; this did them in 42 s on 2): it must
 	@# be done at install, since this machine sets PYTHONDONTWRITEBYTECODE=1 and no later process would save what it compiles.
 	@# Files that do not compile (torch's Python 3.12 test files) are skipped, as pip skips them; the packages' own test suites
 	@# (4,700 of the 24,700 files, in tests/ and test/ folders) are never imported and not compiled.

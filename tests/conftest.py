@@ -28,8 +28,9 @@ def clip_har_here(*args, cwd=ROOT) -> subprocess.CompletedProcess:
     (about 5 s of imports each); every command is also run as the installed one by the tests of what it does."""
     import contextlib, io, logging, traceback
     from clip_har.cli import main
+    from clip_har.core import get_logger
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
-    log = logging.getLogger('clip_har'); level = log.level
+    log = get_logger(); level = log.level  # its handler made now, on the real stderr, so that it can be put back there
     streams = [(h, h.setStream(err)) for h in log.handlers if isinstance(h, logging.StreamHandler)]
     os.chdir(cwd)
     try:
