@@ -457,11 +457,11 @@ def clip_preprocess_cfg(model_name:str='ViT-B-16', # an open_clip model name
 def clip_transform(preprocess:dict|None=None, # size, mean, std, interpolation, resize_mode; OpenAI CLIP's at 224 px by default
                   ):
     "open_clip's own evaluation transform: a PIL image to the normalised tensor the weights were evaluated on."
-    import_open_clip()
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+    oc_transform = import_open_clip().transform
     pp = {**CLIP_PREPROCESS, **(preprocess or {})}
-    return image_transform_v2(PreprocessCfg(size=int(pp['size']), mean=tuple(pp['mean']), std=tuple(pp['std']),
-                                            interpolation=pp['interpolation'], resize_mode=pp['resize_mode']), is_train=False)
+    cfg = oc_transform.PreprocessCfg(size=int(pp['size']), mean=tuple(pp['mean']), std=tuple(pp['std']),
+                                     interpolation=pp['interpolation'], resize_mode=pp['resize_mode'])
+    return oc_transform.image_transform_v2(cfg, is_train=False)
 
 # %% ../nbs/01_data.ipynb #57b34422
 class ClipEvalTransform(Transform):

@@ -113,8 +113,7 @@ class Clip:
 
 def uses_quick_gelu(model:nn.Module) -> bool:
     "Whether `model`'s transformer blocks use QuickGELU (as OpenAI's CLIP weights were trained) rather than GELU."
-    import_open_clip()
-    from open_clip.transformer import QuickGELU
+    QuickGELU = import_open_clip().transformer.QuickGELU
     return any(isinstance(m, QuickGELU) for m in model.modules())
 
 # %% ../nbs/03_model.ipynb #e8f30def
@@ -265,9 +264,7 @@ HAR_PHRASES = {
 
 def imagenet_templates() -> tuple[str, ...]:
     "CLIP's 80 ImageNet prompt templates, from open_clip, as format strings for 'person {phrase}'."
-    import_open_clip()
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-    return tuple(t('person {}') for t in OPENAI_IMAGENET_TEMPLATES)
+    return tuple(t('person {}') for t in import_open_clip().zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES)
 
 def phrases_for(label:str, # a class name, e.g. `listening_to_music`
                 phrases:Mapping[str, Sequence[str]|str]|None=None, # label -> phrasing(s); HAR_PHRASES by default
@@ -667,8 +664,7 @@ class FusedQuickGELU(nn.Module):
 
 def fuse_quick_gelu(model:nn.Module) -> int:
     "Swap every open_clip QuickGELU in `model` for `FusedQuickGELU`; how many."
-    import_open_clip()
-    from open_clip.transformer import QuickGELU
+    QuickGELU = import_open_clip().transformer.QuickGELU
     n = 0
     for parent in model.modules():
         for name, child in parent.named_children():
@@ -680,8 +676,8 @@ def set_patch_dropout(model:nn.Module, # a classifier or image tower holding an 
                       share:float, # of each image's patch tokens dropped in training (0: none)
                      ) -> int:
     "Give every open_clip vision transformer in `model` open_clip's `PatchDropout(share)` (identity at 0); how many."
-    import_open_clip()
-    from open_clip.transformer import PatchDropout, VisionTransformer
+    transformer = import_open_clip().transformer
+    PatchDropout, VisionTransformer = transformer.PatchDropout, transformer.VisionTransformer
     towers = [m for m in model.modules() if isinstance(m, VisionTransformer)]
     for t in towers: t.patch_dropout = PatchDropout(share) if share > 0 else nn.Identity()
     return len(towers)

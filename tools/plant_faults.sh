@@ -4,7 +4,6 @@
 cd "$(dirname "$0")/.."
 git diff --quiet -- clip_har nbs || { echo "plant_faults: clip_har/ or nbs/ has uncommitted changes, which its reverts would lose: commit or stash them first" >&2; exit 2; }
 export CLIP_HAR_BENCH=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TMPDIR=$(mktemp -d)
-mkdir -p $TMPDIR
 PY=.venv/bin/python
 echo "=== fault 1: QuickGELU off in load_clip"
 sed -i 's/force_quick_gelu=bool(quick_gelu))/force_quick_gelu=False)/' clip_har/model.py; git diff --stat clip_har/model.py
