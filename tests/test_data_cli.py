@@ -1,10 +1,10 @@
 """The data layer through the real `clip-har` command: sources, validation report, prepare, bad input."""
-import json, shutil, time
+import json, shutil
 from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
-from conftest import clip_har, ROOT
+from conftest import ROOT, clip_har, clip_har_here, network_use
 
 from clip_har.core import HAR_LABELS, fixtures_dir
 from clip_har.data import read_items, content_labels
@@ -111,8 +111,13 @@ def test_unknown_label_in_a_source_is_an_error(tmp_path):
     assert r.returncode == 2 and "labels ['juggling'] are not in data.labels" in r.stderr, r.stderr
 
 def test_hub_source_offline_fails_fast_with_the_fix(tmp_path):
+    "HF_HUB_OFFLINE set: the Hub is never asked. No network: one name lookup, connection attempts bounded by 3 s, no retry waits."
+    from fastcore.xtras import modified_env
     for offline in ('1', ''):
-        t0 = time.time()
-        r = clip_har('prepare', '--out', tmp_path/'p', '-q', cwd=ROOT, HF_HUB_OFFLINE=offline, HF_DATASETS_OFFLINE=offline)
+        with modified_env(HF_HUB_OFFLINE=offline, HF_DATASETS_OFFLINE=offline), network_use() as net:
+            r = clip_har_here('prepare', '--out', tmp_path/'p', '-q', cwd=ROOT)
         assert r.returncode == 2 and 'point data.source at a local copy' in r.stderr, r.stderr
-        assert time.time() - t0 < 30
+        print(f'HF_HUB_OFFLINE={offline!r}: names looked up {net.lookups}, connections {net.connects}, sleeps {net.sleeps}')
+        assert not net.sleeps
+        if offline: assert not net.lookups and not net.connects
+        else: assert len(net.lookups) == 1 and all(t is not None and 0 < t <= 3 for _, t in net.connects), (net.lookups, net.connects)
