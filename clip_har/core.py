@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #5a8a07da
 from __future__ import annotations
-import difflib, hashlib, json, logging, os, random, sys, threading, time, uuid
+import atexit, difflib, gc, hashlib, json, logging, os, random, sys, threading, time, uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Mapping, Sequence
@@ -14,14 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'CPU_COST_DEFAULTS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV',
-           'HAR_MINI_MISSING', 'get_logger', 'ClipHarError', 'ConfigError', 'ServeError', 'PathsConfig', 'DataConfig',
-           'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig',
-           'BenchmarkConfig', 'ServeConfig', 'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches',
-           'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags',
-           'resolve_precision', 'autocast', 'resolve_auto_defaults', 'hub_offline', 'hub_reachable', 'modules_hidden',
-           'import_open_clip', 'register_test_models', 'file_sha256', 'atomic_path', 'atomic_write',
-           'running_benchmarks', 'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir',
-           'har_mini_dir', 'trained_model_path']
+           'HAR_MINI_MISSING', 'get_logger', 'skip_final_collection', 'ClipHarError', 'ConfigError', 'ServeError',
+           'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig',
+           'ParityLimit', 'ExportConfig', 'BenchmarkConfig', 'ServeConfig', 'RetrainConfig', 'DashboardConfig',
+           'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything',
+           'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'resolve_auto_defaults', 'hub_offline',
+           'hub_reachable', 'modules_hidden', 'import_open_clip', 'register_test_models', 'file_sha256', 'atomic_path',
+           'atomic_write', 'running_benchmarks', 'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root',
+           'fixtures_dir', 'har_mini_dir', 'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -41,6 +41,13 @@ def get_logger(name:str|None=None, # child name, e.g. `data` gives `clip_har.dat
         root.setLevel(os.environ.get('CLIP_HAR_LOG_LEVEL', 'INFO'))
     if level is not None: root.setLevel(level)
     return root.getChild(name) if name else root
+
+# %% ../nbs/00_core.ipynb #6b100a43
+def skip_final_collection():
+    "At exit, leave the objects still alive to the OS instead of collecting them one by one."
+    gc.freeze()
+
+atexit.register(skip_final_collection)
 
 # %% ../nbs/00_core.ipynb #698d426b
 class ClipHarError(Exception):
