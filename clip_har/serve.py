@@ -1048,18 +1048,19 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
     raw = reps * len(images) / (time.perf_counter() - t0)
     del pred
     rows = []
-    modes = [('batch-1', 1, 0.0, True, None), ('dynamic', 32, 5.0, True, None), ('dynamic, not recording', 32, 5.0, False, None),
-             ('dynamic, V2 infer', 32, 5.0, True, name)]  # the protocol's route (the model is named as it was built), image as binary BYTES
-    for mode, max_batch, wait, record, v2_model in modes:
+    servers = [((1, 0.0, True), [('batch-1', None)]), ((32, 5.0, True), [('dynamic', None), ('dynamic, V2 infer', name)]),
+               ((32, 5.0, False), [('dynamic, not recording', None)])]  # V2: the protocol's route (the model named as it was built), image as binary BYTES
+    for (max_batch, wait, record), modes in servers:
         port = free_port()
         proc = _start_server(model, port, max_batch, wait, f'sqlite:///{out}/records-{port}.db' if record else None, out/f'server-{port}.log')
         try:
-            load_test(f'http://127.0.0.1:{port}', images, n=32, concurrency=8, v2_model=v2_model)  # warm-up
-            for c in concurrencies:
-                r = load_test(f'http://127.0.0.1:{port}', images, n=n, concurrency=c, v2_model=v2_model)
-                rows.append(dict(mode=mode, concurrency=c, **{k: r[k] for k in ('requests', 'errors', 'requests_per_s', 'p50_ms', 'p99_ms')}))
-                print(f"{mode:8} concurrency {c:3}: {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}"
-                      + (f" {r['statuses']}" if r['errors'] else ''))
+            for mode, v2_model in modes:  # routes of one server, one after the other
+                load_test(f'http://127.0.0.1:{port}', images, n=32, concurrency=8, v2_model=v2_model)  # warm-up
+                for c in concurrencies:
+                    r = load_test(f'http://127.0.0.1:{port}', images, n=n, concurrency=c, v2_model=v2_model)
+                    rows.append(dict(mode=mode, concurrency=c, **{k: r[k] for k in ('requests', 'errors', 'requests_per_s', 'p50_ms', 'p99_ms')}))
+                    print(f"{mode:8} concurrency {c:3}: {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}"
+                          + (f" {r['statuses']}" if r['errors'] else ''))
         finally:
             proc.terminate(); proc.wait(30)
     df = pd.DataFrame(rows)
