@@ -38,25 +38,32 @@ demo: install
 	$(OFFLINE) $(BIN)/clip-har pipeline --demo
 	cd demo && $(OFFLINE) $(abspath $(BIN))/clip-har runs
 
-## Every check, one phase after another, each timed with the share of the CPUs it kept busy, disk in use sampled; at the end a table of the phases, the peak disk and the 20 slowest tests
+## Every check: install and check first, then nbtest, docs and pytest side by side. They are independent, and together they
+## keep both cores busy where one after another left them idle a fifth of nbtest and a tenth of pytest. Each phase is timed
+## with the share of the CPUs busy while it ran, disk in use sampled; nbtest's and docs' output goes to outputs/test-run/
+## and is printed when pytest ends. At the end a table of the phases, the peak disk and the 20 slowest tests
 ## (tools/summary.py, from outputs/test-run/), whose last line is pytest's count. Every temporary file of the run
 ## (pytest's, the notebooks', wandb's, torchrun's, chromium's profiles) goes to one folder, removed at the end, so the
 ## run leaves nothing in /tmp; compiled kernels are kept in .cache/torchinductor, shared by the run's processes and the next run.
 TEST_RUN := outputs/test-run
-PHASES := install check nbtest docs pytest
 test:
-	@mkdir -p $(TEST_RUN); : > $(TEST_RUN)/phases.tsv; rm -f $(TEST_RUN)/pytest.xml; ls -A /tmp > $(TEST_RUN)/tmp-before.txt; rc=0; \
+	@mkdir -p $(TEST_RUN); : > $(TEST_RUN)/phases.tsv; rm -f $(TEST_RUN)/pytest.xml $(TEST_RUN)/*.log; ls -A /tmp > $(TEST_RUN)/tmp-before.txt; rc=0; \
 	run_tmp=$$(mktemp -d /tmp/clip-har-test-XXXXXX); chmod 1777 $$run_tmp; \
 	export TMPDIR=$$run_tmp TORCHINDUCTOR_CACHE_DIR=$${TORCHINDUCTOR_CACHE_DIR:-$(CURDIR)/.cache/torchinductor}; \
 	disk_kb() { df -Pk . /tmp | awk 'NR > 1 && !seen[$$1]++ {s += $$3} END {print s}'; }; \
 	cpu_ticks() { awk '/^cpu / {print $$2 + $$3 + $$4 + $$7 + $$8, $$2 + $$3 + $$4 + $$5 + $$6 + $$7 + $$8}' /proc/stat 2>/dev/null || echo 0 0; }; \
+	start=$$(date +%s%N); \
+	phase() { t0=$$(date +%s%N); c0=$$(cpu_ticks); \
+	  if [ -n "$$2" ]; then $(MAKE) --no-print-directory $$1 > $$2 2>&1; else $(MAKE) --no-print-directory $$1; fi; r=$$?; c1=$$(cpu_ticks); \
+	  printf '%s\t%s\t%s\t%s\t%s\n' $$1 $$(( ($$(date +%s%N) - t0) / 1000000 )) $$r "$$(echo $$c0 $$c1 | awk '{print $$3 - $$1 "\t" $$4 - $$2}')" \
+	    $$(( (t0 - start) / 1000000 )) >> $(TEST_RUN)/phases.tsv; return $$r; }; \
 	( while :; do disk_kb; sleep 2; done ) > $(TEST_RUN)/disk-kb.txt & sampler=$$!; \
-	for phase in $(PHASES); do \
-	  t0=$$(date +%s%N); c0=$$(cpu_ticks); $(MAKE) --no-print-directory $$phase; rc=$$?; c1=$$(cpu_ticks); \
-	  printf '%s\t%s\t%s\t%s\n' $$phase $$(( ($$(date +%s%N) - t0) / 1000000 )) $$rc "$$(echo $$c0 $$c1 | awk '{print $$3 - $$1 "\t" $$4 - $$2}')" >> $(TEST_RUN)/phases.tsv; \
-	  [ $$phase = install ] && disk_kb > $(TEST_RUN)/disk-base-kb.txt; \
-	  [ $$rc -eq 0 ] || break; \
-	done; \
+	phase install && disk_kb > $(TEST_RUN)/disk-base-kb.txt && phase check || rc=$$?; \
+	if [ $$rc -eq 0 ]; then \
+	  phase nbtest $(TEST_RUN)/nbtest.log & nbtest=$$!; phase docs $(TEST_RUN)/docs.log & docs=$$!; \
+	  phase pytest || rc=$$?; wait $$nbtest || rc=$$?; wait $$docs || rc=$$?; \
+	  for p in nbtest docs; do printf '\n## make %s (side by side with pytest): its output\n\n' $$p; cat $(TEST_RUN)/$$p.log; done; \
+	fi; \
 	kill $$sampler; rm -rf $$run_tmp; ls -A /tmp > $(TEST_RUN)/tmp-after.txt; \
 	$(PYTHON) tools/summary.py $(TEST_RUN); exit $$rc
 
@@ -64,10 +71,12 @@ check: install
 	$(BIN)/python tools/check_sync.py
 
 ## Two test processes at a time share the cores: each gets half of them for torch and ONNX Runtime (OMP_NUM_THREADS).
-## On 2 cores, two ViT-B-16 passes of 2 threads each ran 3.1 + 3.1 images/s; of 1 thread each, 4.5 + 4.5.
+## On 2 cores, two ViT-B-16 passes of 2 threads each ran 3.1 + 3.1 images/s; of 1 thread each, 4.5 + 4.5. Inductor compiles
+## in the test's own process (TORCHINDUCTOR_COMPILE_THREADS=1): for the tests' small graphs a pool of compile workers costs
+## more than it saves (03_model's compiled runner: 21.5 s with the pool, 17.2 s without).
 TEST_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n / 2 > 1 ? n / 2 : 1 )))
 nbtest: install
-	$(OFFLINE) OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/nbdev_test --n_workers 2 --timing
+	$(OFFLINE) OMP_NUM_THREADS=$(TEST_THREADS) TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
 
 docs: install
 	$(OFFLINE) $(BIN)/python tools/docs.py
@@ -75,7 +84,7 @@ docs: install
 ## Two workers, one test file each (a file's tests share its fixtures: a server, a demo run), the longest first (conftest.py);
 ## its JUnit XML feeds `make test`'s summary.
 pytest: install
-	$(OFFLINE) OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest tests -q -p no:cacheprovider --junitxml=$(TEST_RUN)/pytest.xml -n 2 --dist loadfile --no-loadscope-reorder
+	$(OFFLINE) OMP_NUM_THREADS=$(TEST_THREADS) TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -m pytest tests -q -p no:cacheprovider --junitxml=$(TEST_RUN)/pytest.xml -n 2 --dist loadfile --no-loadscope-reorder
 
 ## After editing notebooks: export the package, clean the notebooks, render the README.
 export: install

@@ -37,9 +37,10 @@ def test_no_duplicated_blocks_in_the_package():
     assert not rows, r.stdout
 
 def test_the_make_test_summary_counts_what_ran(tmp_path):
-    "tools/summary.py: the phases in order with their total and CPU share, the slowest tests first, and pytest's count as its last line."
+    "tools/summary.py: the phases in order with their start, CPU share and the run's wall time (phases overlap), the slowest tests first, and pytest's count as its last line."
     import summary as ts
-    (tmp_path/'phases.tsv').write_text('install\t1500\t0\t150\t300\ncheck\t2500\t0\npytest\t60000\t1\t11760\t12000\n')  # check: no CPU ticks
+    (tmp_path/'phases.tsv').write_text('install\t1500\t0\t150\t300\t0\ncheck\t2500\t0\n'  # check: no CPU ticks, no start
+                                       'pytest\t60000\t1\t11760\t12000\t4000\nnbtest\t30000\t0\t5000\t6000\t4000\n')  # side by side, written as they end
     (tmp_path/'pytest.xml').write_text('<testsuites><testsuite>'
         '<testcase classname="tests.a" name="fast" time="0.5"/><testcase classname="tests.a" name="slow" time="42.0"><failure message="x"/></testcase>'
         '<testcase classname="tests.b" name="skip" time="0.0"><skipped/></testcase></testsuite></testsuites>')
@@ -48,8 +49,12 @@ def test_the_make_test_summary_counts_what_ran(tmp_path):
     text = ts.summary(tmp_path, slowest=2)
     assert 'Peak disk in use above the installed environment: 3.0 GB' in text
     assert 'Left in /tmp by the run (or by anything else meanwhile): 1: tmpx1wandb-media' in text
-    assert '| install | 2 | 0.0 | 50% | ok |' in text and '| check | 2 | 0.0 |  | ok |' in text and '| pytest | 60 | 1.0 | 98% | failed (1) |' in text
-    assert '| **all** | **64** |' in text
+    assert '| install | 0 | 2 | 0.0 | 50% | ok |' in text and '| check |  | 2 | 0.0 |  | ok |' in text and '| pytest | 4 | 60 | 1.0 | 98% | failed (1) |' in text
+    assert text.index('| nbtest |') < text.index('| pytest |')  # in the phases' order, not the order they ended
+    assert '| **all** (wall) | | **94** |' in text  # without every start time: the sum
+    (tmp_path/'phases.tsv').write_text('install\t1500\t0\t150\t300\t0\ncheck\t2500\t0\t1\t2\t1500\npytest\t60000\t1\t11760\t12000\t4000\nnbtest\t30000\t0\t5000\t6000\t4000\n')
+    text = ts.summary(tmp_path, slowest=2)
+    assert '| **all** (wall) | | **64** |' in text and 'side by side' in text  # from install's start to pytest's end
     rows = [l for l in text.splitlines() if l.startswith('| 42.0') or l.startswith('| 0.5') or l.startswith('| 0.0')]
     assert rows == ['| 42.0 | tests.a::slow | failure |', '| 0.5 | tests.a::fast | passed |'], rows
     assert text.splitlines()[-1] == 'pytest: 1 passed, 1 failed, 1 skipped'

@@ -1,17 +1,26 @@
-"""The summary `make test` prints at its end: seconds per phase (install, check, nbtest, docs, pytest) and the share of the CPUs each kept busy, the most disk
+"""The summary `make test` prints at its end: seconds per phase (install, check, then nbtest, docs and pytest side by side), when each started and the share of
+the CPUs busy while it ran, the wall time of the whole run, the most disk
 the run used above the installed environment, what it left in /tmp, and the 20 slowest tests, from the phase times the Makefile writes and pytest's JUnit XML; the last line is pytest's count.
 Standard library only: it runs even when the install phase failed."""
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
 
-def phases(folder: Path) -> list[tuple[str, float, int, float|None]]:
-    "(phase, seconds, exit status, share of the CPUs busy or None) as the Makefile wrote them (busy and all CPU ticks of /proc/stat)."
+ORDER = ['install', 'check', 'nbtest', 'docs', 'pytest']
+
+def phases(folder: Path) -> list[tuple[str, float, int, float|None, float|None]]:
+    """(phase, seconds, exit status, share of the CPUs busy or None, seconds from the run's start or None) as the Makefile wrote
+    them (busy and all CPU ticks of /proc/stat, then the start offset in ms), in the order of `ORDER`."""
     rows = []
     for line in (folder/'phases.tsv').read_text().splitlines() if (folder/'phases.tsv').exists() else []:
-        name, ms, rc, *ticks = line.split('\t')
-        busy, total = (int(t) for t in ticks) if len(ticks) == 2 else (0, 0)
-        rows.append((name, int(ms) / 1000, int(rc), busy / total if total > 0 else None))
-    return rows
+        name, ms, rc, *rest = line.split('\t')
+        busy, total = (int(t) for t in rest[:2]) if len(rest) >= 2 else (0, 0)
+        rows.append((name, int(ms) / 1000, int(rc), busy / total if total > 0 else None, int(rest[2]) / 1000 if len(rest) >= 3 else None))
+    return sorted(rows, key=lambda r: ORDER.index(r[0]) if r[0] in ORDER else len(ORDER))
+
+def wall_seconds(rows) -> float:
+    "The whole run's wall time: from the first phase's start to the last one's end (phases overlap), or their sum without start times."
+    if rows and all(r[4] is not None for r in rows): return max(r[4] + r[1] for r in rows) - min(r[4] for r in rows)
+    return sum(r[1] for r in rows)
 
 def tests(folder: Path) -> list[tuple[float, str, str]]:
     "(seconds, test id, outcome) of every test in pytest's JUnit XML."
@@ -39,11 +48,14 @@ def peak_disk_gb(folder: Path) -> float|None:
 def summary(folder: Path, slowest: int = 20) -> str:
     "The phase table, what the run left in /tmp, the slowest tests and pytest's count, as markdown."
     rows, cases, left = phases(folder), tests(folder), left_in_tmp(folder)
-    lines = ['', '## make test: the phases', '', '| phase | seconds | minutes | CPUs busy | result |', '|---|---:|---:|---:|---|']
+    lines = ['', '## make test: the phases', '', '| phase | started at (s) | seconds | minutes | CPUs busy | result |', '|---|---:|---:|---:|---:|---|']
     pct = lambda b: '' if b is None else f'{100 * b:.0f}%'
-    lines += [f'| {n} | {s:.0f} | {s / 60:.1f} | {pct(b)} | {"ok" if rc == 0 else f"failed ({rc})"} |' for n, s, rc, b in rows]
-    total = sum(s for _, s, *_ in rows)
-    lines += [f'| **all** | **{total:.0f}** | **{total / 60:.1f}** | | |']
+    at = lambda t: '' if t is None else f'{t:.0f}'
+    lines += [f'| {n} | {at(t0)} | {s:.0f} | {s / 60:.1f} | {pct(b)} | {"ok" if rc == 0 else f"failed ({rc})"} |' for n, s, rc, b, t0 in rows]
+    total = wall_seconds(rows)
+    lines += [f'| **all** (wall) | | **{total:.0f}** | **{total / 60:.1f}** | | |']
+    if sum(r[0] in ('nbtest', 'docs', 'pytest') for r in rows) > 1:
+        lines += ['', 'nbtest, docs and pytest run side by side: each CPUs-busy share is of the whole machine while that phase ran.']
     disk = peak_disk_gb(folder)
     if disk is not None: lines += ['', f'Peak disk in use above the installed environment: {disk:.1f} GB (sampled every 2 s)']
     if left is not None:
