@@ -19,9 +19,9 @@ __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'CPU_COST_DEFAULTS', '
            'ParityLimit', 'ExportConfig', 'BenchmarkConfig', 'ServeConfig', 'RetrainConfig', 'DashboardConfig',
            'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything',
            'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'resolve_auto_defaults', 'hub_offline',
-           'hub_reachable', 'modules_hidden', 'import_open_clip', 'register_test_models', 'file_sha256', 'atomic_path',
-           'atomic_write', 'running_benchmarks', 'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root',
-           'fixtures_dir', 'har_mini_dir', 'trained_model_path']
+           'hub_reachable', 'NetworkUse', 'network_use', 'modules_hidden', 'import_open_clip', 'register_test_models',
+           'file_sha256', 'atomic_path', 'atomic_write', 'running_benchmarks', 'report_progress', 'progress_line',
+           'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir', 'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -449,6 +449,31 @@ def hub_reachable(timeout:float=3.0) -> bool:
     try:
         with socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout=timeout): return True
     except OSError: return False
+
+# %% ../nbs/00_core.ipynb #14d89db3
+class NetworkUse:
+    "What a block asked of the network and the clock: host names looked up, connections attempted (address, timeout), sleeps (seconds)."
+    active = None
+    def __init__(self): self.lookups, self.connects, self.sleeps = [], [], []
+    def __repr__(self): return f'NetworkUse(lookups={self.lookups}, connects={self.connects}, sleeps={self.sleeps})'
+
+def _record_network_use(event:str, args:tuple):
+    use = NetworkUse.active
+    if use is None: return
+    if event == 'socket.getaddrinfo': use.lookups.append(args[0])
+    elif event == 'socket.connect': use.connects.append((args[1], args[0].gettimeout()))
+
+@contextmanager
+def network_use():
+    "Record, within the block, what this process asks of the network and the clock (a `NetworkUse`)."
+    if not getattr(network_use, 'hooked', False):  # audit hooks cannot be removed: one, recording only inside a block
+        sys.addaudithook(_record_network_use); network_use.hooked = True
+    prev, NetworkUse.active = NetworkUse.active, NetworkUse()
+    use, real_sleep = NetworkUse.active, time.sleep
+    def sleep(secs): use.sleeps.append(secs); real_sleep(secs)
+    time.sleep = sleep  # Python 3.11 raises no audit event for sleeping
+    try: yield use
+    finally: NetworkUse.active, time.sleep = prev, real_sleep
 
 # %% ../nbs/00_core.ipynb #770720e4
 @contextmanager

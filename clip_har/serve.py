@@ -1043,10 +1043,9 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
     images = [p.read_bytes() for p in imgs]
     pred = Predictor(model)
     pred.predict(images[:32], batch_size=32)  # warm-up
-    t0 = time.perf_counter(); reps = max(1, 128 // len(images))
+    t0, reps = time.perf_counter(), max(1, 128 // len(images))
     for _ in range(reps): pred.predict(images, batch_size=32)
-    raw = reps * len(images) / (time.perf_counter() - t0)
-    del pred
+    raw = reps * len(images) / (time.perf_counter() - t0); del pred
     rows = []
     servers = [((1, 0.0, True), [('batch-1', None)]), ((32, 5.0, True), [('dynamic', None), ('dynamic, V2 infer', name)]),
                ((32, 5.0, False), [('dynamic, not recording', None)])]  # V2: the protocol's route (the model named as it was built), image as binary BYTES

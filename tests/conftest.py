@@ -1,5 +1,5 @@
 """Shared helpers for the integration tests: they run the real `clip-har` command, papermill, DVC and chromium."""
-import contextlib, os, shutil, signal, subprocess, sys, tempfile, time
+import os, shutil, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 import pytest
 
@@ -26,7 +26,7 @@ def clip_har_here(*args, cwd=ROOT) -> subprocess.CompletedProcess:
     """`clip-har` run in this process: `clip_har.cli.main`, the function the installed command calls, with its output captured.
     For the many bad-input cases: the same parser, config, checks, message and exit status, without a new process's start-up
     (about 5 s of imports each); every command is also run as the installed one by the tests of what it does."""
-    import io, logging, traceback
+    import contextlib, io, logging, traceback
     from clip_har.cli import main
     from clip_har.core import get_logger
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
@@ -42,28 +42,6 @@ def clip_har_here(*args, cwd=ROOT) -> subprocess.CompletedProcess:
         os.chdir(here); log.setLevel(level)
         for h, stream in streams: h.setStream(stream)
     return subprocess.CompletedProcess(['clip-har', *map(str, args)], code, out.getvalue(), err.getvalue())
-
-class NetworkUse:
-    "What a block asked of the network and the clock, from the interpreter's audit events: host names looked up, connections attempted (address, timeout), sleeps."
-    active = None
-    def __init__(self): self.lookups, self.connects, self.sleeps = [], [], []
-    @staticmethod
-    def hook(event, args):
-        use = NetworkUse.active
-        if use is None: return
-        if event == 'socket.getaddrinfo': use.lookups.append(args[0])
-        elif event == 'socket.connect': use.connects.append((args[1], args[0].gettimeout()))
-        elif event == 'time.sleep': use.sleeps.append(args[0])
-
-sys.addaudithook(NetworkUse.hook)  # audit hooks cannot be removed: it records only inside `network_use()`
-
-@contextlib.contextmanager
-def network_use():
-    """Record what the block asks of the network and the clock. A command that "fails fast" offline is one that makes no
-    attempt it need not, bounds the one it makes, and waits for no retry: facts of the code, not of the machine's speed."""
-    NetworkUse.active = use = NetworkUse()
-    try: yield use
-    finally: NetworkUse.active = None
 
 @pytest.fixture(scope='session')
 def har_mini() -> Path:

@@ -4,9 +4,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
-from conftest import ROOT, clip_har, clip_har_here, network_use
+from conftest import ROOT, clip_har, clip_har_here
 
-from clip_har.core import HAR_LABELS, fixtures_dir
+from clip_har.core import HAR_LABELS, fixtures_dir, network_use
 from clip_har.data import read_items, content_labels
 
 def test_har_mini_same_items_as_folder_csv_and_parquet(har_mini, tmp_path):

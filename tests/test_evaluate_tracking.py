@@ -5,9 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import clip_har, clip_har_here, copy_checkout, env, network_use, run, run_paths, prepare_real_images, start, stop, BIN, ROOT
+from conftest import clip_har, clip_har_here, copy_checkout, env, run, run_paths, prepare_real_images, start, stop, BIN, ROOT
 
-from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, har_mini_dir
+from clip_har.core import TINY_MODEL, HAR_LABELS, fixtures_dir, har_mini_dir, network_use
 
 SMOKE = ['--set', f'model.name={TINY_MODEL}', '--set', 'model.pretrained=null', '--set', 'device=cpu', '--set', 'train.patience=null',
          '--set', 'data.batch_size=8', '--set', 'train.label_smoothing=0', '--set', 'train.stages=[{name: all, train: all, epochs: 2, lr: 1.0e-2}]']

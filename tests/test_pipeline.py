@@ -6,8 +6,8 @@ from pathlib import Path
 
 import httpx, pytest, yaml
 
-from conftest import BIN, ROOT, clip_har, clip_har_here, copy_checkout, network_use, run
-from clip_har.core import TINY_MODEL, fixtures_dir
+from conftest import BIN, ROOT, clip_har, clip_har_here, copy_checkout, run
+from clip_har.core import TINY_MODEL, fixtures_dir, network_use
 
 ARTIFACTS = ['data/prepared/manifest.csv', 'data/prepared/validation/report.json', 'outputs/zeroshot/metrics.json', 'outputs/train/model.pt',
              'outputs/train/wise_ft.pt', 'outputs/train/history.csv', 'outputs/evaluate/report.html', 'outputs/evaluate/metrics.json',
