@@ -20,8 +20,8 @@ from .model import (ACTION_TEMPLATES, HAR_PHRASES, backbone_from_meta, check_lab
 
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inputs', 'predict_files', 'predict_distributed',
-           'timed_runs', 'random_classifier', 'plot_benchmark', 'benchmark_models', 'benchmark_backends',
-           'benchmark_from_config']
+           'timed_runs', 'bench_threads', 'random_classifier', 'plot_benchmark', 'benchmark_models',
+           'benchmark_backends', 'benchmark_from_config']
 
 # %% ../nbs/07_inference.ipynb #ec63c011
 class _TorchRunner:
@@ -280,16 +280,22 @@ def timed_runs(runs:int, # timed calls at batch 1, where the latency percentiles
     "Timed calls at batch size `bs`: `runs` at batch 1, and about `runs` images' worth (at least `least` calls) above it."
     return runs if bs == 1 else max(least, -(-runs // bs))
 
+# %% ../nbs/07_inference.ipynb #2993c9a9
+def bench_threads() -> int:
+    "Threads a benchmark worker runs on: the `OMP_NUM_THREADS` budget when the environment sets one, else every core."
+    budget = os.environ.get('OMP_NUM_THREADS', '').strip()
+    return int(budget) if budget.isdigit() and int(budget) > 0 else (os.cpu_count() or 1)
+
 # %% ../nbs/07_inference.ipynb #0150dbcc
 def _bench_worker(model:str, backend:str, batch_sizes:Sequence[int], runs:int, device:str, providers) -> dict:
     "Time one backend in this (fresh) process; memory is the most the process held above what it held before loading the model."
     import psutil  # a dependency of accelerate
     proc = psutil.Process()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(bench_threads())
     before = peak = proc.memory_info().rss / 2**20
     pred = Predictor(model, device=device, providers=providers)
     size = pred.preprocess['size']
-    res = dict(backend=backend, precision=pred.manifest['precision'], rows=[])
+    res = dict(backend=backend, precision=pred.manifest['precision'], threads=torch.get_num_threads(), rows=[])
     for bs in batch_sizes:
         x = np.random.default_rng(0).standard_normal((bs, 3, size, size)).astype(np.float32)
         pred.scores(x)  # warm-up
@@ -355,7 +361,7 @@ def benchmark_models(targets:Sequence[tuple[str, str]], # (label, model) pairs; 
         r = json.loads(line[7:])
         results.append(r)
         print(f"{label:18} " + '  '.join(f"bs{row['batch']}: p50 {row['p50_ms']:.1f} ms" for row in r['rows']) + f"  peak {r['peak_mem_mb']:.0f} MB")
-    rows = [dict(backend=label, precision=r['precision'], peak_mem_mb=round(r['peak_mem_mb']), **row) for (label, _), r in zip(targets, results) for row in r['rows']]
+    rows = [dict(backend=label, precision=r['precision'], threads=r['threads'], peak_mem_mb=round(r['peak_mem_mb']), **row) for (label, _), r in zip(targets, results) for row in r['rows']]
     df = pd.DataFrame(rows)
     if (df.backend == 'pytorch').any():
         base = df[df.backend == 'pytorch'].set_index('batch').p50_ms
