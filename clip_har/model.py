@@ -149,6 +149,19 @@ def _beside(ckpt:Path) -> dict:
     f = ckpt.parent/'open_clip_config.json'
     return json.loads(f.read_text()) if f.is_file() else {}
 
+# %% ../nbs/03_model.ipynb #50b3d10f
+_INITIALISERS = ('uniform_', 'normal_', 'trunc_normal_', 'constant_', 'ones_', 'zeros_', 'eye_', 'dirac_', 'xavier_uniform_',
+                 'xavier_normal_', 'kaiming_uniform_', 'kaiming_normal_', 'orthogonal_', 'sparse_')
+
+@contextmanager
+def _init_skipped(skip:bool=True): # False: an ordinary block
+    "Within the block, `torch.nn.init`'s initialisers leave tensors as they are: for a model whose every weight is loaded next."
+    saved = {n: getattr(nn.init, n) for n in _INITIALISERS} if skip else {}
+    for n in saved: setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try: yield
+    finally:
+        for n, f in saved.items(): setattr(nn.init, n, f)
+
 # %% ../nbs/03_model.ipynb #09ac0dca
 def load_clip(name:str='ViT-B-16', # open_clip name, `hf-hub:<org>/<repo>` or `local-dir:<folder>`
               pretrained:str|None='openai', # a tag of `name`, a checkpoint path, or None for random weights
@@ -177,11 +190,12 @@ def load_clip(name:str='ViT-B-16', # open_clip name, `hf-hub:<org>/<repo>` or `l
         raise ModelLoadError(f'{name} ({pretrained}): the Hugging Face Hub cannot be reached from here. {OFFLINE_FIX}')
     kw = dict(device='cpu', cache_dir=cache_dir, force_quick_gelu=bool(quick_gelu))
     try:
-        with _no_random_init_notice():  # open_clip's "initialized randomly" is wrong when weights follow (and said below when not)
+        weights_next = bool(schema or pretrained)  # loaded below, strictly: a build left unfilled would hold whatever memory it got
+        with _no_random_init_notice(), _init_skipped(weights_next or weights_follow):  # open_clip's "initialized randomly" is wrong when weights follow (and said below when not)
             if ckpt is not None:
                 model = open_clip.create_model(name, pretrained=None, **kw)
                 load_state_dict_checked(model, read_checkpoint(ckpt), origin=str(ckpt))
-            else: model = open_clip.create_model(name, pretrained=None if schema else pretrained, load_weights=True, **kw)
+            else: model = open_clip.create_model(name, pretrained=None if schema else pretrained, load_weights=True, require_pretrained=weights_next, **kw)
     except ModelLoadError: raise
     except Exception as e:
         hint = OFFLINE_FIX if downloads else 'check the model name and weights'
