@@ -111,10 +111,13 @@ def stop(proc) -> bool:
     except subprocess.TimeoutExpired: proc.kill(); raise
 
 ## Two workers end together when the longest work starts first. xdist (`--dist loadfile --no-loadscope-reorder`) hands
-## out files in collection order and gives a worker its next file once two or fewer of its tests are left, so the
-## rehearsal's `make run` (about 8.5 of the suite's 32 minutes of work) runs first on one worker, the demo pipeline's
-## file first on the other, and everything else fills in behind them.
-FIRST = ['test_rehearsal.py::test_make_run_unmodified_on_the_rehearsal_cache', 'test_rehearsal.py', 'test_pipeline.py']
+## out files in this order and gives a worker its next file once two or fewer of its tests are left, so the rehearsal's
+## `make run` (about 6.5 of the suite's 22 minutes of work) runs first on one worker, the demo pipeline's file first on the
+## other, then the other files from the longest (seconds of work in a fresh-clone run) to the shortest, so that the last
+## ones to start are short and neither worker waits long for the other at the end.
+FIRST = ['test_rehearsal.py::test_make_run_unmodified_on_the_rehearsal_cache', 'test_rehearsal.py', 'test_pipeline.py',
+         'test_train_cli.py', 'test_serve.py', 'test_evaluate_tracking.py', 'test_export_inference.py', 'test_monitor.py',
+         'test_dashboard.py', 'test_release.py', 'test_pipeline_tools.py', 'test_model_cli.py', 'test_data_cli.py']
 
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:
