@@ -1,7 +1,7 @@
-"""The summary `make test` prints at its end: seconds per phase (install, check, then nbtest, docs and pytest side by side), when each started and the share of
-the CPUs busy while it ran, the wall time of the whole run, the most disk
-the run used above the installed environment, what it left in /tmp, and the 20 slowest tests, from the phase times the Makefile writes and pytest's JUnit XML; the last line is pytest's count.
-Standard library only: it runs even when the install phase failed."""
+"""The summary `make test` prints at its end: for each phase (install, check, then nbtest, docs and pytest side by side) its
+start, its seconds and the share of the CPUs busy while it ran; the whole run's wall time; the most disk the run used above
+the installed environment; what it left in /tmp; and the 20 slowest tests. It reads the phase times the Makefile writes and
+pytest's JUnit XML; its last line is pytest's count. Standard library only: it runs even when the install phase failed."""
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
 
