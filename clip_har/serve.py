@@ -1025,6 +1025,14 @@ def _start_server(model:str, port:int, max_batch:int, max_wait_ms:float, record_
     proc.kill(); raise TimeoutError(f'clip-har serve did not get ready: {Path(log).read_text()[-2000:]}')
 
 # %% ../nbs/09_serve.ipynb #572640d6
+def _raw_throughput(model:str|Path, images:list[bytes]) -> float:
+    "Images/s of a `Predictor` on `images` in batches of 32, decoding included (after a warm-up batch): the ceiling serving is measured against."
+    pred = Predictor(model)
+    pred.predict(images[:32], batch_size=32)
+    t0, reps = time.perf_counter(), max(1, 128 // len(images))
+    for _ in range(reps): pred.predict(images, batch_size=32)
+    return reps * len(images) / (time.perf_counter() - t0)
+
 def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
                       out_dir:str|Path='outputs/benchmark/serving', # gets serving.json, .md, .png
                       concurrencies:Sequence[int]=(1, 8, 32), # requests in flight
@@ -1041,11 +1049,7 @@ def benchmark_serving(name:str=TINY_MODEL, # model shape (random weights)
             warnings.simplefilter('ignore', DeprecationWarning)
             model = Path(export_model(model, out/'export', imgs[:8], imgs[8:24], ['onnx'], ['fp32'], progress=False)[0]['folder'])
     images = [p.read_bytes() for p in imgs]
-    pred = Predictor(model)
-    pred.predict(images[:32], batch_size=32)  # warm-up
-    t0, reps = time.perf_counter(), max(1, 128 // len(images))
-    for _ in range(reps): pred.predict(images, batch_size=32)
-    raw = reps * len(images) / (time.perf_counter() - t0); del pred
+    raw = _raw_throughput(model, images)
     rows = []
     servers = [((1, 0.0, True), [('batch-1', None)]), ((32, 5.0, True), [('dynamic', None), ('dynamic, V2 infer', name)]),
                ((32, 5.0, False), [('dynamic, not recording', None)])]  # V2: the protocol's route (the model named as it was built), image as binary BYTES
