@@ -201,8 +201,12 @@ class ExportConfig(_Section):
 # %% ../nbs/00_core.ipynb #6035c2f1
 class BenchmarkConfig(_Section):
     "The benchmark stage's size: the batch sizes it times and the timed runs at batch 1."
-    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 8], min_length=1)  # each backend is timed at these; on a GPU add 32
+    batch_sizes: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]|Literal['auto'] = 'auto'  # auto: 1 on a CPU; 1, 8, 32 on a GPU
     runs: int = Field(10, ge=1)  # timed runs at batch 1, where the latency percentiles come from (fewer at larger batches); more for steadier tails
+
+    def sizes_for(self, device:str) -> list[int]:
+        "The batch sizes to time on `device` (cpu, cuda, mps): `batch_sizes`, or for `auto` 1 on a CPU and 1, 8, 32 on a GPU."
+        return list(self.batch_sizes) if self.batch_sizes != 'auto' else [1] if device == 'cpu' else [1, 8, 32]
 
 # %% ../nbs/00_core.ipynb #553ad8ed
 class ServeConfig(_Section):

@@ -406,7 +406,7 @@ def benchmark_from_config(cfg:Config, # paths and device settings
                           out_dir:str|Path|None=None, # defaults to `<paths.out_dir>/benchmark`
                           runs:int|None=None, # timed runs at batch 1 (default: `benchmark.runs`)
                          ) -> pd.DataFrame:
-    "Latency and throughput of the trained model and each of its exports, at `benchmark.batch_sizes`."
+    "Latency and throughput of the trained model and each of its exports, at `benchmark.batch_sizes` (`auto`: `BenchmarkConfig.sizes_for` the device)."
     out = Path(cfg.paths.out_dir)
     targets = [('pytorch', str(trained_model_path(out/'train')))]
     for man in sorted((out/'export').glob('*/manifest.json')):
@@ -416,7 +416,7 @@ def benchmark_from_config(cfg:Config, # paths and device settings
     summary = out/'export'/'summary.json'
     refused = json.loads(summary.read_text())['refused'] if summary.is_file() else []
     bench = Path(out_dir or out/'benchmark')
-    df = benchmark_models(targets, bench, cfg.benchmark.batch_sizes, runs or cfg.benchmark.runs, device, title=f'{cfg.model.name} ({cfg.model.pretrained or "random weights"}) on {device}',
+    df = benchmark_models(targets, bench, cfg.benchmark.sizes_for(device), runs or cfg.benchmark.runs, device, title=f'{cfg.model.name} ({cfg.model.pretrained or "random weights"}) on {device}',
                           meta=dict(model=cfg.model.name, refused_exports=refused))
     if refused:  # not timed: they missed their parity thresholds and were not written
         with open(bench/'benchmark.md', 'a') as f:
