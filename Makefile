@@ -24,7 +24,7 @@ $(STAMP): settings.ini setup.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
 	@# What nearly every process imports (clip_har's modules, papermill, the kernel: 3,900 files, 14 s) is compiled here, once,
-	@# not by the five that `make test` starts side by side, each compiling it at the same time.
+	@# not by each of the processes that `make test` starts side by side, all at the same moment.
 	$(BIN)/python -W ignore -c "import importlib, pkgutil, clip_har, papermill, ipykernel.kernelapp; \
 	  [importlib.import_module(m.name) for m in pkgutil.iter_modules(clip_har.__path__, 'clip_har.')]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
