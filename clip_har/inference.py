@@ -406,7 +406,7 @@ def benchmark_from_config(cfg:Config, # paths and device settings
                           out_dir:str|Path|None=None, # defaults to `<paths.out_dir>/benchmark`
                           runs:int|None=None, # timed runs at batch 1 (default: `benchmark.runs`)
                          ) -> pd.DataFrame:
-    "Latency and throughput of the trained model and each of its exports, at `benchmark.batch_sizes` (`auto`: `BenchmarkConfig.sizes_for` the device)."
+    "Latency and throughput of the trained model and each of its exports, at the batch sizes `benchmark.batch_sizes` gives for the device (`BenchmarkConfig.sizes_for`)."
     out = Path(cfg.paths.out_dir)
     targets = [('pytorch', str(trained_model_path(out/'train')))]
     for man in sorted((out/'export').glob('*/manifest.json')):
