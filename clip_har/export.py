@@ -273,8 +273,10 @@ def trace_onnx(image:nn.Module, text:nn.Module, # `ImageGraph` and `TextGraph`
                 text=export_onnx(text, tokens, folder/'text.onnx', 'tokens', ['embeddings'], opset))
 
 def _placed(src:Path, dst:Path) -> Path:
-    "`src` copied to `dst` (nothing to do when they are the same file); `dst`."
-    if src != dst: shutil.copyfile(src, dst)
+    "`src` at `dst` too, hard-linked where the file system allows (graph files are written once, never changed), else copied; `dst`."
+    if src == dst: return dst
+    try: os.link(src, dst)  # ViT-B-16's two graphs are 0.6 GB: each export would copy them again
+    except OSError: shutil.copyfile(src, dst)
     return dst
 
 def export_graphs(fmt:str, # torchscript, onnx or tensorrt
@@ -366,7 +368,7 @@ def export_model(model_path:str|Path, # a classifier file from `save_classifier`
                 get_logger('export').warning(f'{e}: refused, not written'); continue
             man['files'] = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
             (tmp/'manifest.json').write_text(json.dumps(man, indent=2))
-            shutil.copytree(tmp, dest)
+            tmp.rename(dest); tmp.mkdir()  # moved whole, not copied; the context removes the empty folder left
         done.append({**man, 'folder': str(dest)})
         get_logger('export').info(f"{fmt} {prec}: max |diff| {man['parity']['max_abs_diff']:.2e}, top-1 agreement "
                                   f"{man['parity']['top1_agreement']:.3f} on {man['parity']['n_images']} images -> {dest}")
