@@ -701,11 +701,14 @@ def set_patch_dropout(model:nn.Module, # a classifier or image tower holding an 
 def precision_check(model:nn.Module, # maps an image batch to logits
                     x:torch.Tensor, # a batch of real images
                     precision:str, # from `resolve_precision`
+                    got:torch.Tensor|None=None, # `model`'s logits on `x` at `precision`, when a pass has them already (None: run here)
                    ) -> dict:
     "Top-1 agreement and max |logit difference| of `model` at `precision` against fp32, on `x`."
     device = next(model.parameters()).device
     ref = model(x.to(device)).float()
-    with autocast(precision, device): got = model(x.to(device)).float()
+    if got is None:
+        with autocast(precision, device): got = model(x.to(device))
+    got = got.float().cpu(); ref = ref.cpu()
     return dict(precision=precision, n_images=len(x), top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
                 max_abs_logit_diff=float((ref - got).abs().max()))
 
