@@ -27,28 +27,35 @@ def photos():
     from clip_har.core import fixtures_dir, har_mini_dir
     return sorted((har_mini_dir() or fixtures_dir()).rglob('*.jpg'))
 
+@pytest.fixture(scope='module')
 def reference(hf_home: Path):
-    "open_clip's own build of OpenAI's ViT-B-16 (the -quickgelu config) and its evaluation transform, from the same file."
+    "open_clip's own build of OpenAI's ViT-B-16 (the -quickgelu config) and its evaluation transform, from the same file (built once for the module)."
     import open_clip
     model, _, transform = open_clip.create_model_and_transforms('ViT-B-16-quickgelu', pretrained='openai', cache_dir=str(hf_home/'hub'))
     return model.eval(), transform, open_clip.get_tokenizer('ViT-B-16-quickgelu')
+
+@pytest.fixture(scope='module')
+def clip_b16(hf_home: Path):
+    "Our ViT-B-16/openai from the rehearsal cache, as the default job loads it, with every warning an error: open_clip's \"QuickGELU mismatch\" (or any other) fails the tests that use it."
+    from clip_har.model import load_clip
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        return load_clip('ViT-B-16', 'openai', cache_dir=hf_home/'hub')
 
 def embeddings(model, images, tokens):
     import torch
     with torch.no_grad(): return model.encode_image(images), model.encode_text(tokens)
 
-def test_vit_b16_openai_is_the_network_its_weights_were_trained_as(hf_home, photos, tmp_path):
+def test_vit_b16_openai_is_the_network_its_weights_were_trained_as(reference, clip_b16, photos, tmp_path):
     "Tag, checkpoint file and local-dir: folder all build OpenAI's network (QuickGELU), equal to open_clip's reference within 1e-5."
     import open_clip, torch
     from clip_har.data import image_batch
     from clip_har.model import encode_text, load_clip, save_clip_folder, uses_quick_gelu
-    ref, transform, tok = reference(hf_home)
+    ref, transform, tok = reference
     images = torch.stack([transform(__import__('PIL.Image', fromlist=['Image']).open(p).convert('RGB')) for p in photos[:4]])
     tokens = tok(['a photo of a person running.', 'a photo of someone texting on a phone.'])
     want = embeddings(ref, images, tokens)
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')  # open_clip's "QuickGELU mismatch" (or any other warning) fails the test
-        clip = load_clip('ViT-B-16', 'openai', cache_dir=hf_home/'hub')
+    clip = clip_b16  # loaded with every warning an error
     assert uses_quick_gelu(clip.model) and clip.quick_gelu
     ckpt = tmp_path/'vit_b16_openai.pt'
     torch.save(clip.model.state_dict(), ckpt)
@@ -72,16 +79,15 @@ def test_vit_b16_openai_is_the_network_its_weights_were_trained_as(hf_home, phot
     ours = image_batch(photos[:4], clip.preprocess)
     assert float((ours - images).abs().max()) == 0.0
 
-def test_preprocessing_is_open_clips_reference_transform(hf_home, photos):
+def test_preprocessing_is_open_clips_reference_transform(reference, clip_b16, photos):
     "Evaluation, prediction, export parity and serving all go through `image_batch`/`eval_dataloader`: per image within 0.01 of the reference."
     import torch, pandas as pd
     from PIL import Image
     from clip_har.core import HAR_LABELS
     from clip_har.data import eval_dataloader, image_batch
-    from clip_har.model import load_clip
     from clip_har.serve import preprocess_images
-    _, transform, _ = reference(hf_home)
-    pp = load_clip('ViT-B-16', 'openai', cache_dir=hf_home/'hub').preprocess
+    _, transform, _ = reference
+    pp = clip_b16.preprocess
     per_image, worst = [], 0.0
     for i in range(0, len(photos), 64):
         chunk = photos[i:i + 64]
