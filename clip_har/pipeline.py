@@ -13,8 +13,7 @@ from typing import Mapping, Sequence
 
 import yaml
 
-from .core import *
-from .data import data_sources
+from .core import *  # clip_har.data (pandas, PIL) is imported where it is used: a stage's runner process starts without it
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_NAMES', 'DVC_HEADER', 'HUB_DATASET', 'FULL_SPLITS', 'PIPELINE_VARIANTS', 'PIPELINE_ENV',
@@ -242,6 +241,7 @@ def weights_cached(name:str, tag:str) -> Path|None:
 def preflight(cfg:Config):
     "Raise a `PipelineError` naming what must be downloaded, and the fix, when the Hub cannot be reached."
     from datasets import config
+    from clip_har.data import data_sources
     from huggingface_hub.constants import HF_HUB_CACHE
     needs = [f'the dataset {src} (no prepared copy in the datasets cache {config.HF_DATASETS_CACHE})' for src in data_sources(cfg.data.source)
              if src.startswith(('hf:', 'hub:')) and not dataset_cached(src.split(':', 1)[1])]
@@ -516,6 +516,7 @@ DEMO_OVERRIDES = {
 
 def demo_sources(source:str|Path|Sequence|None=None) -> list[str]:
     "The demo's data sources as absolute paths (it runs in `demo/`): `source`, or har-mini, else the committed fixtures."
+    from clip_har.data import data_sources
     return [s if s.startswith(('hf:', 'hub:')) else str(Path(s).expanduser().resolve()) for s in data_sources(source or har_mini_dir() or fixtures_dir())]
 
 def write_demo_params(folder:str|Path='demo', # the demo pipeline's folder
@@ -634,6 +635,7 @@ def add_data_source(params:str|Path, # a params.yaml
                     source:str|Path, # the source to add (kept as given)
                    ) -> list[str]:
     "Add `source` to `data.source` in `params`, changing nothing else in the file; the sources now."
+    from clip_har.data import data_sources
     p, new = Path(params), str(source)
     sources = data_sources(load_config(p).data.source)
     if new in sources: return sources
