@@ -49,7 +49,7 @@ def use_experiment(uri:str, # the tracking URI
 class MLflowBackend:
     "Logs to MLflow: a sqlite store or a tracking server."
     name = 'MLflow'
-    def __init__(self, uri:str, experiment:str='clip_har'): self.uri, self.experiment, self.run_id = uri, experiment, None
+    def __init__(self, uri:str, experiment:str='clip_har'): self.uri, self.experiment, self.run_id, self.artifact_uri = uri, experiment, None, None
     def __repr__(self): return f'MLflow at {self.uri}'
     def start(self, run_name:str|None, params:dict, tags:dict, run_id:str|None=None):
         os.environ.setdefault('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '2')  # a server that is down fails in seconds, not minutes
@@ -58,7 +58,8 @@ class MLflowBackend:
         mlflow.set_tracking_uri(self.uri)
         if mlflow.active_run(): mlflow.end_run()
         if run_id is None: use_experiment(self.uri, self.experiment)
-        self.run_id = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags or None).info.run_id  # a resumed run keeps its name
+        info = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags or None).info  # a resumed run keeps its name
+        self.run_id, self.artifact_uri = info.run_id, info.artifact_uri
         if params: mlflow.log_params(params)
     def log_metrics(self, metrics:dict, step:int|None=None):
         import mlflow; mlflow.log_metrics(metrics, step=step)
@@ -147,6 +148,10 @@ class Tracker:
     def mlflow_run_id(self) -> str|None:
         "The MLflow run being logged, if any."
         return next((b.run_id for b in self.backends if isinstance(b, MLflowBackend)), None)
+    @property
+    def mlflow_artifact_uri(self) -> str|None:
+        "Where the MLflow run's files go (`file:` for a local store), if any."
+        return next((b.artifact_uri for b in self.backends if isinstance(b, MLflowBackend)), None)
     def __enter__(self): return self
     def __exit__(self, typ, *_): self.end('FAILED' if typ else 'FINISHED')
 

@@ -602,7 +602,7 @@ def final_classifier(cfg:Config, learn:Learner, meta:dict, mode:str|None, weight
 def finish_tracking(tracker:Tracker, cfg:Config, summary:dict, artifacts:list, manifest:Path, out:Path):
     "Log the run's final figures and files, register its final model, write `train_metrics.json` and end the run."
     final = out/summary['final_model']
-    summary['mlflow_run_id'] = tracker.mlflow_run_id
+    summary['mlflow_run_id'], summary['mlflow_artifact_uri'] = tracker.mlflow_run_id, tracker.mlflow_artifact_uri
     tracker.log_metrics({'final_valid_accuracy': summary['valid_accuracy'], 'wise_ft_alpha': summary.get('wise_ft', {}).get('best_alpha')})
     tracker.log_artifacts(artifacts)
     registered = tracker.log_model(final, cfg.track.register_as, {'valid_accuracy': round(summary['valid_accuracy'], 4),
