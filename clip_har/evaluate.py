@@ -305,7 +305,7 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
         calibrated = evaluation_metrics(logits / T, y, labels, cfg.evaluate.calibration_bins)
         metrics.update(temperature=T, ece_calibrated=calibrated['ece'], nll_calibrated=calibrated['nll'])
     if precision != 'fp32': metrics['precision_check'] = precision_check(clf, image_batch(list(rows.path[:32]), preprocess), precision,
-                                                                 logits[:32])  # the pass's own bf16 logits: fp32 is the one run added
+                                                                 logits[:32])  # the pass's own logits at `precision`: only the fp32 run is added
     result = dict(model=meta['model'], model_path=str(model_path), report=str(out/'report.html'), split=split, manifest=str(manifest), wise_alpha=meta.get('wise_alpha'), precision=precision,
                   smoke_run=meta.get('pretrained') is None or meta['model'] == TINY_MODEL, **metrics)
     files = write_evaluation(out, result, calibrated, logits, y, rows, labels, cfg.evaluate.mistakes)

@@ -194,8 +194,8 @@ def log_run_records(cfg:Config, runs_dir:Path):
     if not trained.get('mlflow_run_id'): return
     local = _local_folder(trained.get('mlflow_artifact_uri'))
     try:
-        if local is not None and local.is_dir():  # the run's files are a local folder (the sqlite default): copied in as MLflow's local
-            shutil.copytree(runs_dir, local/'notebooks', dirs_exist_ok=True, copy_function=shutil.copyfile)  # store does, without its 1.8 s start-up per stage
+        if local is not None and local.is_dir():  # a local folder (the sqlite default): copied in as MLflow's local store copies, without its 1.8 s start-up
+            shutil.copytree(runs_dir, local/'notebooks', dirs_exist_ok=True, copy_function=shutil.copyfile)
         else:
             import mlflow
             mlflow.MlflowClient(cfg.track.mlflow_uri).log_artifacts(trained['mlflow_run_id'], str(runs_dir), 'notebooks')
