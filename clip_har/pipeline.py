@@ -184,7 +184,8 @@ def _local_folder(uri:str|None) -> Path|None:
     "The folder a `file:` URI names; None for any other URI."
     from urllib.parse import urlparse
     from urllib.request import url2pathname
-    return Path(url2pathname(urlparse(uri).path)) if uri and urlparse(uri).scheme == 'file' else None
+    u = urlparse(uri or '')
+    return Path(url2pathname(u.path)) if u.scheme == 'file' else None
 
 def log_run_records(cfg:Config, runs_dir:Path):
     "Log the executed stage notebooks to the training run (if there is one and tracking is on)."

@@ -144,14 +144,15 @@ class Tracker:
         "Log a classifier as a model (MLflow: pyfunc model, registered if named; W&B: a model artifact); returns MLflow's answer."
         return self._each('log_model', Path(model_path), registered_name, {k: str(v) for k, v in (tags or {}).items()}).get('MLflow')
     def end(self, status:str='FINISHED'): self._each('end', status)
+    def _mlflow(self) -> MLflowBackend|None: return next((b for b in self.backends if isinstance(b, MLflowBackend)), None)
     @property
     def mlflow_run_id(self) -> str|None:
         "The MLflow run being logged, if any."
-        return next((b.run_id for b in self.backends if isinstance(b, MLflowBackend)), None)
+        return getattr(self._mlflow(), 'run_id', None)
     @property
     def mlflow_artifact_uri(self) -> str|None:
         "Where the MLflow run's files go (`file:` for a local store), if any."
-        return next((b.artifact_uri for b in self.backends if isinstance(b, MLflowBackend)), None)
+        return getattr(self._mlflow(), 'artifact_uri', None)
     def __enter__(self): return self
     def __exit__(self, typ, *_): self.end('FAILED' if typ else 'FINISHED')
 
