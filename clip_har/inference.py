@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_inference.ipynb #e468dbd4
 from __future__ import annotations
-import json, os, time
+import json, os, sys, time
 from pathlib import Path
 from typing import Sequence
 
@@ -19,9 +19,9 @@ from .model import (ACTION_TEMPLATES, HAR_PHRASES, backbone_from_meta, check_lab
                             load_clip, read_classifier_meta, save_classifier)
 
 # %% auto #0
-__all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'Predictor', 'video_frames', 'list_inputs', 'predict_files', 'predict_distributed',
-           'timed_runs', 'bench_threads', 'random_classifier', 'plot_benchmark', 'benchmark_models',
-           'benchmark_backends', 'benchmark_from_config']
+__all__ = ['VIDEO_EXTS', 'PRED_COLUMNS', 'BENCH_PRELOAD', 'Predictor', 'video_frames', 'list_inputs', 'predict_files',
+           'predict_distributed', 'timed_runs', 'FreshProcesses', 'bench_threads', 'random_classifier',
+           'plot_benchmark', 'benchmark_models', 'benchmark_backends', 'benchmark_from_config']
 
 # %% ../nbs/07_inference.ipynb #ec63c011
 class _TorchRunner:
@@ -280,6 +280,61 @@ def timed_runs(runs:int, # timed calls at batch 1, where the latency percentiles
     "Timed calls at batch size `bs`: `runs` at batch 1, and about `runs` images' worth (at least `least` calls) above it."
     return runs if bs == 1 else max(least, -(-runs // bs))
 
+# %% ../nbs/07_inference.ipynb #a1e81c31
+BENCH_PRELOAD = ('clip_har.inference', 'onnxruntime', 'open_clip')  # what every benchmark worker imports
+
+def _fork_host(preload:Sequence[str]):
+    "Run each job read from stdin (`[target, args]`) in a child forked from this process; write its outcome as a line of JSON."
+    import importlib, traceback
+    answers = os.fdopen(os.dup(1), 'w'); os.dup2(2, 1)  # outcomes alone on stdout's pipe: stray prints go to stderr
+    for m in preload:
+        try: importlib.import_module(m)
+        except ImportError: pass  # a job that needs it says so itself
+    for line in sys.stdin:
+        target, args = json.loads(line)
+        mod, _, name = target.partition(':')
+        r, w = os.pipe()
+        if (pid := os.fork()) == 0:
+            os.close(r)
+            try: out = dict(result=getattr(importlib.import_module(mod), name)(*args))
+            except BaseException as e: out = dict(error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc(limit=-3))
+            with os.fdopen(w, 'w') as f: json.dump(out, f)
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f: text = f.read()
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        answers.write((text or json.dumps(dict(error=f'the process died (exit status {code})', traceback=''))) + '\n'); answers.flush()
+
+# %% ../nbs/07_inference.ipynb #d74062f8
+class FreshProcesses:
+    "Call module-level functions, each in a fresh process forked from a host that imported `preload` once."
+    def __init__(self, preload:Sequence[str]=BENCH_PRELOAD): # modules the host imports before its first fork
+        import subprocess, tempfile
+        self.stderr = tempfile.TemporaryFile()  # shown when a job fails
+        self.host = subprocess.Popen([sys.executable, '-c', f'from clip_har.inference import _fork_host; _fork_host({list(preload)!r})'],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+
+    def __call__(self, target:str, # `module:function`, e.g. `clip_har.inference:_bench_worker`
+                 *args): # JSON values; so is the result
+        "`target(*args)` in a fresh process: its result, or a `RuntimeError` with its error."
+        try:
+            self.host.stdin.write(json.dumps([target, args]) + '\n'); self.host.stdin.flush()
+            line = self.host.stdout.readline()
+        except (BrokenPipeError, ValueError): line = ''
+        out = json.loads(line) if line else dict(error='the host process ended', traceback='')
+        if 'error' in out:
+            self.stderr.seek(0); err = self.stderr.read().decode(errors='replace')[-1500:].strip()
+            raise RuntimeError(f"{target}: {out['error']}" + (f"\n{out['traceback']}" if out['traceback'] else '') + (f'\nits stderr: {err}' if err else ''))
+        return out['result']
+
+    def close(self):
+        "End the host (it exits when its stdin closes)."
+        try: self.host.stdin.close()
+        except BrokenPipeError: pass
+        self.host.wait(); self.stderr.close()
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
 # %% ../nbs/07_inference.ipynb #2993c9a9
 def bench_threads() -> int:
     "Threads a benchmark worker runs on: the `OMP_NUM_THREADS` budget when the environment sets one, else every core."
@@ -348,19 +403,15 @@ def benchmark_models(targets:Sequence[tuple[str, str]], # (label, model) pairs; 
                      meta:dict|None=None, # more facts for benchmark.json
                     ) -> pd.DataFrame:
     "Latency, throughput and memory of each model, each timed in its own fresh process; printed, tabled and plotted."
-    import subprocess, sys
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     results, t0 = [], time.time()
-    for i, (label, model) in enumerate(targets):
-        report_progress(f'benchmark {label} ({i + 1}/{len(targets)})', i, len(targets), 'backends', t0)
-        args = json.dumps([str(model), label, list(batch_sizes), runs, device, providers])
-        code = 'import json, sys; from clip_har.inference import _bench_worker; print("RESULT", json.dumps(_bench_worker(*json.loads(sys.argv[1]))))'
-        p = subprocess.run([sys.executable, '-c', code, args], capture_output=True, text=True)
-        line = next((l for l in p.stdout.splitlines() if l.startswith('RESULT ')), None)
-        if line is None: raise RuntimeError(f'benchmarking {label} failed: {p.stderr[-2000:]}')
-        r = json.loads(line[7:])
-        results.append(r)
-        print(f"{label:18} " + '  '.join(f"bs{row['batch']}: p50 {row['p50_ms']:.1f} ms" for row in r['rows']) + f"  peak {r['peak_mem_mb']:.0f} MB")
+    with FreshProcesses() as fresh:
+        for i, (label, model) in enumerate(targets):
+            report_progress(f'benchmark {label} ({i + 1}/{len(targets)})', i, len(targets), 'backends', t0)
+            try: r = fresh('clip_har.inference:_bench_worker', str(model), label, list(batch_sizes), runs, device, providers)
+            except RuntimeError as e: raise RuntimeError(f'benchmarking {label} failed: {e}') from None
+            results.append(r)
+            print(f"{label:18} " + '  '.join(f"bs{row['batch']}: p50 {row['p50_ms']:.1f} ms" for row in r['rows']) + f"  peak {r['peak_mem_mb']:.0f} MB")
     rows = [dict(backend=label, precision=r['precision'], threads=r['threads'], peak_mem_mb=round(r['peak_mem_mb']), **row) for (label, _), r in zip(targets, results) for row in r['rows']]
     df = pd.DataFrame(rows)
     if (df.backend == 'pytorch').any():
