@@ -13,9 +13,8 @@ import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from .core import *
 from .data import DataSourceError, eval_dataloader, image_batch, read_manifest
 from .metrics import REFERENCE_FILE, classification_metrics, monitor_reference, plot_confusion
-from .model import load_classifier, precision_check, predict_logits, read_classifier_meta
+from .model import load_classifier, precision_check, predict_logits, read_classifier_meta, saved_valid_logits
 from .tracking import Tracker, lineage
-from .train import saved_valid_logits
 from .inference import Predictor
 
 # %% auto #0

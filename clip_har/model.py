@@ -24,9 +24,9 @@ __all__ = ['OFFLINE_FIX', 'ACTION_TEMPLATES', 'HAR_PHRASES', 'COMPILE_MIN_PARAMS
            'ZeroShotClassifier', 'LinearHead', 'MLPHead', 'MeanPool', 'AttentionPool', 'ProbEnsemble', 'ClipClassifier',
            'clip_classifier', 'clip_splitter', 'splits_at_blocks', 'tower_below', 'tower_above', 'backbone_meta',
            'backbone_from_meta', 'atomic_save', 'unwrap', 'full_state_dict', 'CheckpointError', 'save_classifier',
-           'read_classifier_meta', 'load_classifier', 'grads_flagged', 'compile_pass', 'batch_runner', 'predict_logits',
-           'FusedQuickGELU', 'fuse_quick_gelu', 'set_patch_dropout', 'precision_check', 'evaluate_zeroshot',
-           'benchmark_classifier_build']
+           'read_classifier_meta', 'load_classifier', 'save_valid_logits', 'saved_valid_logits', 'grads_flagged',
+           'compile_pass', 'batch_runner', 'predict_logits', 'FusedQuickGELU', 'fuse_quick_gelu', 'set_patch_dropout',
+           'precision_check', 'evaluate_zeroshot', 'benchmark_classifier_build']
 
 # %% ../nbs/03_model.ipynb #0ef7e6b6
 class ModelLoadError(ClipHarError, ValueError):
@@ -591,6 +591,26 @@ def load_classifier(path:str|Path, # a file written by `save_classifier`
     clip = clip or backbone_from_meta(m, weights=False)
     model = clip_classifier(clip, m['labels'], 'mlp' if m['head'] == 'mlp' else 'linear', zeroshot_init=False)
     return load_state_dict_checked(model, d['model'], str(path)).eval()
+
+# %% ../nbs/03_model.ipynb #8005b2ec
+def save_valid_logits(model_file:Path, # the classifier file they belong to
+                      logits:torch.Tensor, targets:torch.Tensor, # its pass over the validation split, in manifest order
+                      precision:str) -> Path:
+    "Keep a model's validation logits in `valid_logits.pt` beside it, keyed by the file's sha256: evaluation reuses them."
+    return atomic_save(dict(model_sha256=file_sha256(model_file), logits=logits, targets=targets, precision=precision),
+                       Path(model_file).parent/'valid_logits.pt')
+
+# %% ../nbs/03_model.ipynb #0da4f82e
+def saved_valid_logits(model_file:Path, # a classifier file
+                       targets:torch.Tensor, # the validation split's targets, in manifest order
+                       precision:str, # the precision the caller would run at
+                      ) -> torch.Tensor|None:
+    "The validation logits training kept for exactly this model file, split and precision; None if there are none such."
+    f = Path(model_file).parent/'valid_logits.pt'
+    if not f.is_file(): return None
+    d = torch.load(f, map_location='cpu', weights_only=True)
+    same = d['model_sha256'] == file_sha256(model_file) and d['precision'] == precision and torch.equal(d['targets'], targets)
+    return d['logits'] if same else None
 
 # %% ../nbs/03_model.ipynb #d3d4defb
 @contextmanager

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd, torch
-from fastai.callback.core import Callback
 
 from .core import *
 from .data import FEEDBACK_EXPORT_FILE, ImageDecodeError, data_sources, image_batch
@@ -20,9 +19,9 @@ except ImportError: PythonModel = object
 
 # %% auto #0
 __all__ = ['HAR_CAVEATS', 'HUB_FORMAT', 'flat_params', 'use_experiment', 'MLflowBackend', 'WandbBackend', 'Tracker', 'git_state',
-           'lineage', 'feedback_exports', 'TrackerCallback', 'pyfunc_images', 'HarPyfuncModel', 'log_classifier',
-           'promote', 'model_versions', 'compare_runs', 'model_card', 'save_hub_folder', 'load_hub_classifier',
-           'HubError', 'push_to_hub']
+           'lineage', 'feedback_exports', 'pyfunc_images', 'HarPyfuncModel', 'log_classifier', 'promote',
+           'model_versions', 'compare_runs', 'model_card', 'save_hub_folder', 'load_hub_classifier', 'HubError',
+           'push_to_hub']
 
 # %% ../nbs/04_tracking.ipynb #f8414425
 def flat_params(d:Mapping, prefix:str='') -> dict:
@@ -188,20 +187,6 @@ def feedback_exports(cfg:Config) -> dict:
     "`{'feedback_exports': ...}`: the feedback exports among the data sources (none: empty)."
     found = [s for s in data_sources(cfg.data.source) if (Path(s)/FEEDBACK_EXPORT_FILE).is_file()]
     return {'feedback_exports': ' + '.join(found)} if found else {}
-
-# %% ../nbs/04_tracking.ipynb #16e581c7
-class TrackerCallback(Callback):
-    "Logs the training loss every `log_every` batches and each epoch's history row to a `Tracker`."
-    order = 56
-    def __init__(self, tracker:Tracker, state, log_every:int=10): self.tracker, self.state, self.log_every = tracker, state, log_every
-    def after_batch(self):
-        if self.training and self.state.batches % self.log_every == 0:
-            self.tracker.log_metrics({'train_loss_step': float(self.learn.smooth_loss), 'lr_step': float(self.opt.hypers[-1]['lr'])},
-                                     step=self.state.batches)
-    def after_epoch(self):
-        if self.state.history and self.state.history[-1]['batches'] == self.state.batches:
-            row = self.state.history[-1]
-            self.tracker.log_metrics({k: v for k, v in row.items() if k not in ('stage_epoch', 'batches')}, step=row['batches'])
 
 # %% ../nbs/04_tracking.ipynb #c3e92ab8
 def _image_input(v, i:int):

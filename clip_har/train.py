@@ -26,18 +26,17 @@ from fastai.torch_core import num_distrib, rank_distrib
 from .core import *
 from .data import DataSourceError, dataloaders_from_config, eval_dataloader, read_manifest
 from .model import *
-from .tracking import Tracker, TrackerCallback, lineage
+from .tracking import Tracker, lineage
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'FREEZE_TO', 'flyp_loss', 'FlypClassifier', 'flyp_splitter', 'amp_mode',
            'AnyDeviceMixedPrecision', 'build_model', 'build_learner', 'plain_containers', 'load_opt_state', 'RunState',
            'TrainState', 'ProgressReport', 'read_train_checkpoint', 'TowerTop', 'TowerPart', 'cache_depth',
            'FrozenCache', 'frozen_inputs', 'stage_lrs', 'fit_stages', 'fibonacci_argmax', 'wise_ft_state',
-           'wise_ft_curve', 'plot_wise_ft', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog',
+           'wise_ft_curve', 'plot_wise_ft', 'TrackerCallback', 'HarDistributedDL', 'HarDistributedTrainer', 'ShardLog',
            'ShardedDataTrainer', 'shard_model', 'distributed_mode', 'init_distributed', 'sweep_subset', 'stitch_rows',
-           'select_wise_ft', 'save_valid_logits', 'saved_valid_logits', 'join_run', 'resume_from', 'record_rank',
-           'weights_digest', 'whole_pass', 'ValidLogits', 'final_classifier', 'finish_tracking', 'select_final',
-           'train', 'benchmark_training']
+           'select_wise_ft', 'join_run', 'resume_from', 'record_rank', 'weights_digest', 'whole_pass', 'ValidLogits',
+           'final_classifier', 'finish_tracking', 'select_final', 'train', 'benchmark_training']
 
 # %% ../nbs/05_train.ipynb #3dff374f
 def flyp_loss(logits:torch.Tensor, # (B, C) class logits: scale x cosine(image, class prompt)
@@ -397,6 +396,20 @@ def plot_wise_ft(curve:dict, path:str|Path|None=None):
     if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
+# %% ../nbs/05_train.ipynb #16e581c7
+class TrackerCallback(Callback):
+    "Logs the training loss every `log_every` batches and each epoch's history row to a `Tracker`."
+    order = 56
+    def __init__(self, tracker:Tracker, state, log_every:int=10): self.tracker, self.state, self.log_every = tracker, state, log_every
+    def after_batch(self):
+        if self.training and self.state.batches % self.log_every == 0:
+            self.tracker.log_metrics({'train_loss_step': float(self.learn.smooth_loss), 'lr_step': float(self.opt.hypers[-1]['lr'])},
+                                     step=self.state.batches)
+    def after_epoch(self):
+        if self.state.history and self.state.history[-1]['batches'] == self.state.batches:
+            row = self.state.history[-1]
+            self.tracker.log_metrics({k: v for k, v in row.items() if k not in ('stage_epoch', 'batches')}, step=row['batches'])
+
 # %% ../nbs/05_train.ipynb #a6f1b1cc
 from fastai.distributed import DistributedDL, DistributedTrainer
 
@@ -509,26 +522,6 @@ def select_wise_ft(model:nn.Module, # the fine-tuned classifier; left holding th
     save_valid_logits(out/'wise_ft.pt', *logits, precision)
     plot_wise_ft(curve, out/'wise_ft.png')
     return curve
-
-# %% ../nbs/05_train.ipynb #8005b2ec
-def save_valid_logits(model_file:Path, # the classifier file they belong to
-                      logits:torch.Tensor, targets:torch.Tensor, # its pass over the validation split, in manifest order
-                      precision:str) -> Path:
-    "Keep a model's validation logits in `valid_logits.pt` beside it, keyed by the file's sha256: evaluation reuses them."
-    return atomic_save(dict(model_sha256=file_sha256(model_file), logits=logits, targets=targets, precision=precision),
-                       Path(model_file).parent/'valid_logits.pt')
-
-# %% ../nbs/05_train.ipynb #0da4f82e
-def saved_valid_logits(model_file:Path, # a classifier file
-                       targets:torch.Tensor, # the validation split's targets, in manifest order
-                       precision:str, # the precision the caller would run at
-                      ) -> torch.Tensor|None:
-    "The validation logits training kept for exactly this model file, split and precision; None if there are none such."
-    f = Path(model_file).parent/'valid_logits.pt'
-    if not f.is_file(): return None
-    d = torch.load(f, map_location='cpu', weights_only=True)
-    same = d['model_sha256'] == file_sha256(model_file) and d['precision'] == precision and torch.equal(d['targets'], targets)
-    return d['logits'] if same else None
 
 # %% ../nbs/05_train.ipynb #70058991
 def join_run(cfg:Config) -> tuple[str|None, torch.device, int]:
