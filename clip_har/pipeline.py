@@ -124,9 +124,10 @@ def _imported_names(source:str) -> set[str]:
     return {a.asname or a.name.split('.')[0] for s in ast.parse(source).body for a in s.names}
 
 def _identifiers(source:str) -> set[str]:
-    "Every identifier-like word in `source`, strings and comments included: a superset of the names it uses."
-    import re
-    return set(re.findall(r'[A-Za-z_]\w*', source))
+    "The names `source`'s code uses (f-strings' included; not words in strings or comments); every identifier-like word where it is not plain Python."
+    import ast, re
+    try: return {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    except SyntaxError: return set(re.findall(r'[A-Za-z_]\w*', source))  # IPython magics: a superset of the names it uses
 
 
 # %% ../nbs/11_pipeline.ipynb #d5459f96
