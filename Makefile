@@ -13,16 +13,20 @@ OFFLINE := CLIP_HAR_BENCH=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_
 unexport PYTHONDONTWRITEBYTECODE
 DEMO_SOURCE := $(shell [ -f ../shared/data/har-mini/labels.csv ] && echo ../shared/data/har-mini || echo nbs/fixtures/har-tiny)
 
-.PHONY: install run demo test check nbtest pytest docs export bench-data bench-model bench-train bench-infer bench-serve bench-pipeline serve clean
+.PHONY: install lock run demo test check nbtest pytest docs export bench-data bench-model bench-train bench-infer bench-serve bench-pipeline serve clean
 
 ## torch 2.14.1 brings its CUDA libraries: the environment takes about 8 GB, so a first install checks for 9 GB free.
 NEED_GB := 9
-$(STAMP): settings.ini setup.py
+$(STAMP): settings.ini setup.py requirements.lock
 	@ls -d $(VENV)/lib/python*/site-packages/torch >/dev/null 2>&1 || { free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	  [ "$$free" -ge $(NEED_GB) ] || { echo "make install: $$free GB free on this disk; the environment (torch 2.14.1 with its CUDA libraries) needs about $(NEED_GB) GB" >&2; exit 1; }; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
+	@# The exact versions of requirements.lock, without resolving them again (pip's resolver: 13-18 s of a fresh install here);
+	@# then every requirement of clip_har and its extras, and theirs in turn, is checked against what was installed.
+	$(BIN)/python -m pip install -q --no-compile --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-compile --no-deps -e .
+	$(BIN)/python tools/lock.py check
 	@# What nearly every process imports (clip_har's modules, papermill, the kernel: 3,900 files) is compiled here, once,
 	@# not by each of the processes that `make test` starts side by side, all at the same moment; in two processes side by side:
 	@# clip_har's modules (torch, fastai, open_clip, mlflow: 12 s), and the notebook machinery (3.5 s) with the kernel's registration.
@@ -32,6 +36,12 @@ $(STAMP): settings.ini setup.py
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+## After changing settings.ini's requirements: pip resolves them again, installing nothing, into requirements.lock.
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip packaging
+	$(BIN)/python tools/lock.py write
 
 ## The main job, with params.yaml as it is (the HAR dataset from the Hub, ViT-B-16/openai): `clip-har pipeline` runs
 ## prepare, zeroshot, train, evaluate (+ model card), export, benchmark, each its notebook under papermill, through DVC.
