@@ -58,3 +58,17 @@ def test_the_make_test_summary_counts_what_ran(tmp_path):
     rows = [l for l in text.splitlines() if l.startswith('| 42.0') or l.startswith('| 0.5') or l.startswith('| 0.0')]
     assert rows == ['| 42.0 | tests.a::slow | failure |', '| 0.5 | tests.a::fast | passed |'], rows
     assert text.splitlines()[-1] == 'pytest: 1 passed, 1 failed, 1 skipped'
+
+def test_the_lock_meets_every_requirement_and_the_check_can_fail(tmp_path, monkeypatch):
+    "tools/lock.py: requirements.lock pins every requirement of clip_har and its extras (and theirs) at a version they accept; a distribution whose requirement is missing, or installed at a version it refuses, is named."
+    import lock
+    pins = {l.split('==')[0].lower().replace('_', '-') for l in lock.LOCK.read_text().splitlines() if l and not l.startswith('#')}
+    assert {'torch', 'open-clip-torch', 'mlflow', 'psycopg-binary', 'nbdev'} <= pins  # psycopg-binary: an extra's extra (psycopg[binary])
+    assert lock.unmet() == []
+    info = tmp_path/'stale_example-1.0.dist-info'; info.mkdir()
+    (info/'METADATA').write_text('Metadata-Version: 2.1\nName: stale-example\nVersion: 1.0\nProvides-Extra: more\n'
+                                 'Requires-Dist: torch<2\nRequires-Dist: not-in-the-lock-example\nRequires-Dist: tabulate>99; extra == "more"\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert lock.unmet('stale-example', set()) == ['not-in-the-lock-example (needed by stale-example) is not installed',
+                                                  f"torch<2 (needed by stale-example): {lock.distribution('torch').version} is installed"]
+    assert len(lock.unmet('stale-example')) == 3  # with its extra `more`: tabulate>99 too
