@@ -25,7 +25,7 @@ def write() -> Path:
     "Resolve `.[dev]` (every extra) with pip, installing nothing, and write the pins to requirements.lock."
     out = subprocess.run([sys.executable, '-m', 'pip', 'install', '--dry-run', '--ignore-installed', '--quiet', '--report', '-', '-e', f'{ROOT}[dev]'],
                          capture_output=True, text=True, check=True).stdout
-    pins = sorted((i['metadata']['name'], i['metadata']['version']) for i in json.loads(out)['install'] if canonicalize_name(i['metadata']['name']) != 'clip-har')
+    pins = [(i['metadata']['name'], i['metadata']['version']) for i in json.loads(out)['install'] if canonicalize_name(i['metadata']['name']) != 'clip-har']
     LOCK.write_text(HEADER + ''.join(f'{n}=={v}\n' for n, v in sorted(pins, key=lambda p: canonicalize_name(p[0]))))
     return LOCK
 
@@ -58,5 +58,6 @@ if __name__ == '__main__':
         if problems:
             sys.exit('requirements.lock does not meet settings.ini\'s requirements:\n  ' + '\n  '.join(problems)
                      + '\nrun `make lock` (pip resolves settings.ini again and rewrites requirements.lock), then `make install`')
-        print(f'requirements.lock meets every requirement of clip_har and its extras ({len(LOCK.read_text().splitlines()) - 2} pins)')
+        pins = [l for l in LOCK.read_text().splitlines() if l and not l.startswith('#')]
+        print(f'requirements.lock meets every requirement of clip_har and its extras ({len(pins)} pins)')
     else: sys.exit('usage: python tools/lock.py write|check')
