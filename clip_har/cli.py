@@ -281,8 +281,9 @@ def run_benchmark(cfg:Config,
         print((out/'serving.md').read_text())
         return 0
     out = Path(out or Path(cfg.paths.out_dir)/'benchmark')
+    device = 'cuda' if cfg.device == 'cuda' else 'cpu'
     benchmark_backends(model_name, out, sizes, runs, cfg.export.formats + ['torchscript'] * ('torchscript' not in cfg.export.formats),
-                       cfg.export.precisions, 'cuda' if cfg.device == 'cuda' else 'cpu')
+                       cfg.export.precisions_for(device), device)
     print((out/'benchmark.md').read_text())
     return 0
 

@@ -79,7 +79,7 @@ class DataConfig(_Section):
     test_pct: float = Field(0.15, ge=0, lt=1)  # fraction of each class held out for the final test
     min_image_size: int = Field(32, ge=1)  # shorter side (px) under which an image is flagged as very small
     batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(2, ge=0)
+    num_workers: Annotated[int, Field(ge=0)]|Literal['auto'] = 'auto'  # loader processes; auto: none on a CPU, 2 on a GPU
     augment: float = Field(0.5, ge=0, le=1)  # train-time augmentation strength, 0 (none) to 1
     balanced_sampler: bool = False  # sample training images with class-balanced weights
 
@@ -102,6 +102,11 @@ class DataConfig(_Section):
         if self.valid_pct + self.test_pct >= 1:
             raise ValueError(f'valid_pct + test_pct must be below 1, got {self.valid_pct} + {self.test_pct}')
         return self
+
+    def workers_for(self, device) -> int:
+        "Loader processes on `device` (cpu, cuda, mps): `num_workers`, or for `auto` none on a CPU and 2 on a GPU."
+        if self.num_workers != 'auto': return self.num_workers
+        return 0 if str(device).split(':')[0] == 'cpu' else 2
 
 # %% ../nbs/00_core.ipynb #b43347cb
 class ModelConfig(_Section):
@@ -190,13 +195,18 @@ class ParityLimit(_Section):
 class ExportConfig(_Section):
     "Export formats and precisions, their parity thresholds, and how many real images calibrate and check them."
     formats: list[Literal['onnx', 'torchscript', 'tensorrt']] = ['onnx']
-    precisions: list[Literal['fp32', 'fp16', 'int8']] = ['fp32', 'fp16', 'int8']  # ONNX and TensorRT; TorchScript is fp32
+    precisions: list[Literal['fp32', 'fp16', 'int8']]|Literal['auto'] = 'auto'  # ONNX and TensorRT (TorchScript is fp32); auto: fp32, int8 on a CPU; fp32, fp16, int8 on a GPU
     opset: int = Field(17, ge=13)
     calibration_images: int = Field(64, ge=1)  # TensorRT int8 calibration, from the train split
     validation_images: int = Field(64, ge=2)  # parity check, from the valid split
     thresholds: dict[Literal['fp32', 'fp16', 'int8'], ParityLimit] = {
         'fp32': ParityLimit(max_abs=1e-3, agreement=1.0), 'fp16': ParityLimit(max_abs=0.25, agreement=0.98),
         'int8': ParityLimit(max_abs=None, agreement=0.9)}
+
+    def precisions_for(self, device) -> list[str]:
+        "The precisions to export on `device` (cpu, cuda, mps): `precisions`, or for `auto` fp32 and int8 on a CPU, fp16 too on a GPU."
+        if self.precisions != 'auto': return list(self.precisions)
+        return ['fp32', 'int8'] if str(device).split(':')[0] == 'cpu' else ['fp32', 'fp16', 'int8']
 
 # %% ../nbs/00_core.ipynb #6035c2f1
 class BenchmarkConfig(_Section):

@@ -602,8 +602,9 @@ def dataloaders_from_config(cfg:Config, # the config
     "fastai DataLoaders for `cfg`'s model preprocessing and data settings."
     pc = clip_preprocess_cfg(cfg.model.name, cfg.model.pretrained)
     manifest = manifest or Path(cfg.paths.data_dir)/'prepared'/'manifest.csv'
-    return har_dataloaders(manifest, cfg.data.labels, pc, cfg.data.batch_size, cfg.data.num_workers, cfg.data.augment,
-                           cfg.data.balanced_sampler, device if device is not None else get_device(cfg.device), cfg.seed)
+    device = device if device is not None else get_device(cfg.device)
+    return har_dataloaders(manifest, cfg.data.labels, pc, cfg.data.batch_size, cfg.data.workers_for(device), cfg.data.augment,
+                           cfg.data.balanced_sampler, device, cfg.seed)
 
 # %% ../nbs/01_data.ipynb #efc87077
 def benchmark_loaders(source:str|Path, # a source `read_items` takes

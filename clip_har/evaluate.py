@@ -290,7 +290,7 @@ def evaluate(cfg:Config, # data, evaluate, paths and track settings
     device = next(clf.parameters()).device if clf is not None else torch.device('cpu')
     table = read_manifest(manifest)
     rows = evaluation_rows(table, split, meta['labels'], manifest)
-    def logits_of(r): return predict_logits(forward, eval_dataloader(r, labels, preprocess, cfg.data.batch_size, cfg.data.num_workers, device), progress,
+    def logits_of(r): return predict_logits(forward, eval_dataloader(r, labels, preprocess, cfg.data.batch_size, cfg.data.workers_for(device), device), progress,
                                             f"evaluate {r.split.iloc[0] if 'split' in r and len(r) else ''}".strip(), precision)
     logits, y = logits_of(rows)
     metrics = evaluation_metrics(logits, y, labels, cfg.evaluate.calibration_bins)

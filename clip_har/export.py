@@ -390,5 +390,5 @@ def export_from_config(cfg:Config, # export, data and paths settings
     cal, val = pick('train', cfg.export.calibration_images), pick('valid', cfg.export.validation_images) or pick('test', cfg.export.validation_images)
     if not cal or not val: raise DataSourceError('exporting needs real images: the manifest has no train, or no valid/test, rows')
     ref = read_reference(Path(cfg.paths.out_dir)/'evaluate'/REFERENCE_FILE, file_sha256(model))  # evaluate's, if it scored this model
-    return export_model(model, out_dir or Path(cfg.paths.out_dir)/'export', cal, val, cfg.export.formats, cfg.export.precisions,
+    return export_model(model, out_dir or Path(cfg.paths.out_dir)/'export', cal, val, cfg.export.formats, cfg.export.precisions_for(get_device(cfg.device)),
                         {k: v.model_dump() for k, v in cfg.export.thresholds.items()}, cfg.export.opset, ref, progress)

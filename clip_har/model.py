@@ -749,7 +749,7 @@ def evaluate_zeroshot(cfg:Config, # model, data and paths settings
     if rows.empty: raise DataSourceError(f'{manifest}: the {split} split is empty')
     templates = cfg.model.templates
     zs = ZeroShotClassifier(clip, cfg.data.labels, templates, {**HAR_PHRASES, **cfg.model.phrases}, cache_dir=cfg.paths.cache_dir)
-    dl = eval_dataloader(rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
+    dl = eval_dataloader(rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.workers_for(device), device)
     logits, y = predict_logits(zs, dl, progress, f'zero-shot {split}', precision)
     metrics = classification_metrics(logits, y, cfg.data.labels)
     extra = dict(model=cfg.model.name, pretrained=cfg.model.pretrained, split=split, manifest=str(manifest), precision=precision,

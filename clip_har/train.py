@@ -530,7 +530,7 @@ def join_run(cfg:Config) -> tuple[str|None, torch.device, int]:
     if mode:
         if device.type == 'cuda': device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         init_distributed(device)
-        if cfg.data.num_workers and (3, 11) <= sys.version_info < (3, 11, 8):
+        if cfg.data.workers_for(device) and (3, 11) <= sys.version_info < (3, 11, 8):
             get_logger('train').warning(f'Python {sys.version.split()[0]} can deadlock a data-loader worker forked beside the process group\'s threads '
                                         '(CPython gh-112275, fixed in 3.11.8): use a newer Python, or data.num_workers=0 under torchrun')
     return mode, device, rank_distrib()
@@ -609,7 +609,7 @@ def select_final(cfg:Config, plain:nn.Module, zs_state:dict|None, clip:Clip, man
                  summary:dict, seen:ValidLogits|None=None) -> list[Path]:
     "Score the fine-tuned model on the valid split (or reuse its epoch's validation pass, same weights) and choose the final one; its extra files."
     valid_rows = read_manifest(manifest, cfg.data.labels).query("split == 'valid'")
-    vdl = eval_dataloader(valid_rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
+    vdl = eval_dataloader(valid_rows, cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.workers_for(device), device)
     plain.to(device)
     known = seen.matching(plain, precision, len(valid_rows)) if seen else None
     if known: get_logger('train').info("the final model's valid logits are those of its epoch's validation (same weights): no second valid pass")
@@ -619,7 +619,7 @@ def select_final(cfg:Config, plain:nn.Module, zs_state:dict|None, clip:Clip, man
     if zs_state is None or cfg.train.head != 'linear':
         save_valid_logits(out/'model.pt', logits, y, precision); return []
     idx = sweep_subset(y, cfg.train.wise_images, cfg.seed)
-    rows_dl = lambda ix: eval_dataloader(valid_rows.iloc[ix], cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.num_workers, device)
+    rows_dl = lambda ix: eval_dataloader(valid_rows.iloc[ix], cfg.data.labels, clip.preprocess, cfg.data.batch_size, cfg.data.workers_for(device), device)
     sweep = None if idx is None else (rows_dl(idx), idx, rows_dl(np.setdiff1d(np.arange(len(valid_rows)), idx)))
     summary['wise_ft'] = select_wise_ft(plain, zs_state, vdl, cfg.train.wise_alphas, meta, out, precision, known={1.0: (logits, y)},
                                         search=cfg.train.wise_search, sweep=sweep)

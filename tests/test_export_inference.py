@@ -22,7 +22,7 @@ def exported(tmp_path_factory):
     "The fixtures prepared, a tiny model trained for one epoch, and exported to ONNX (fp32, fp16, int8) and TorchScript."
     tmp = tmp_path_factory.mktemp('export')
     for cmd in (['prepare', '--set', f'data.source={fixtures_dir()}', '--set', 'data.valid_pct=0.34', '--set', 'data.test_pct=0.2'],
-                ['train'], ['export', '--set', 'export.formats=[onnx, torchscript]', *TINY_LIMITS]):
+                ['train'], ['export', '--set', 'export.formats=[onnx, torchscript]', '--set', 'export.precisions=[fp32, fp16, int8]', *TINY_LIMITS]):
         r = clip_har(*cmd, *_paths(tmp), *SMOKE, '-q')
         assert r.returncode == 0, (cmd, r.stderr[-3000:])
     return tmp
