@@ -15,13 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # %% auto #0
 __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'CPU_COST_DEFAULTS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV',
            'HAR_MINI_MISSING', 'get_logger', 'skip_final_collection', 'ClipHarError', 'ConfigError', 'ServeError',
-           'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig',
-           'ParityLimit', 'ExportConfig', 'BenchmarkConfig', 'ServeConfig', 'RetrainConfig', 'DashboardConfig',
-           'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything',
-           'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'resolve_auto_defaults', 'hub_offline',
-           'hub_reachable', 'NetworkUse', 'network_use', 'modules_hidden', 'import_open_clip', 'register_test_models',
-           'file_sha256', 'atomic_path', 'atomic_write', 'running_benchmarks', 'report_progress', 'progress_line',
-           'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir', 'trained_model_path']
+           'on_cpu', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig',
+           'TrackConfig', 'ParityLimit', 'ExportConfig', 'BenchmarkConfig', 'ServeConfig', 'RetrainConfig',
+           'DashboardConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config',
+           'seed_everything', 'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'resolve_auto_defaults',
+           'hub_offline', 'hub_reachable', 'NetworkUse', 'network_use', 'modules_hidden', 'import_open_clip',
+           'register_test_models', 'file_sha256', 'atomic_path', 'atomic_write', 'running_benchmarks',
+           'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir',
+           'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -61,6 +62,10 @@ class ServeError(Exception):
     def __init__(self, status:int, message:str, headers:dict|None=None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+def on_cpu(device) -> bool:
+    "Whether `device` (cpu, cuda:1, mps, or a `torch.device`) is the CPU: where the `auto` settings below choose differently."
+    return str(device).split(':')[0] == 'cpu'
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra='forbid', validate_assignment=True)
@@ -106,7 +111,7 @@ class DataConfig(_Section):
     def workers_for(self, device) -> int:
         "Loader processes on `device` (cpu, cuda, mps): `num_workers`, or for `auto` none on a CPU and 2 on a GPU."
         if self.num_workers != 'auto': return self.num_workers
-        return 0 if str(device).split(':')[0] == 'cpu' else 2
+        return 0 if on_cpu(device) else 2
 
 # %% ../nbs/00_core.ipynb #b43347cb
 class ModelConfig(_Section):
@@ -206,7 +211,7 @@ class ExportConfig(_Section):
     def precisions_for(self, device) -> list[str]:
         "The precisions to export on `device` (cpu, cuda, mps): `precisions`, or for `auto` fp32 and int8 on a CPU, fp16 too on a GPU."
         if self.precisions != 'auto': return list(self.precisions)
-        return ['fp32', 'int8'] if str(device).split(':')[0] == 'cpu' else ['fp32', 'fp16', 'int8']
+        return ['fp32', 'int8'] if on_cpu(device) else ['fp32', 'fp16', 'int8']
 
 # %% ../nbs/00_core.ipynb #6035c2f1
 class BenchmarkConfig(_Section):
@@ -214,9 +219,9 @@ class BenchmarkConfig(_Section):
     batch_sizes: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]|Literal['auto'] = 'auto'  # auto: 1 on a CPU; 1, 8, 32 on a GPU
     runs: int = Field(10, ge=1)  # timed runs at batch 1, where the latency percentiles come from (fewer at larger batches); more for steadier tails
 
-    def sizes_for(self, device:str) -> list[int]:
+    def sizes_for(self, device) -> list[int]:
         "The batch sizes to time on `device` (cpu, cuda, mps): `batch_sizes`, or for `auto` 1 on a CPU and 1, 8, 32 on a GPU."
-        return list(self.batch_sizes) if self.batch_sizes != 'auto' else [1] if device == 'cpu' else [1, 8, 32]
+        return list(self.batch_sizes) if self.batch_sizes != 'auto' else [1] if on_cpu(device) else [1, 8, 32]
 
 # %% ../nbs/00_core.ipynb #553ad8ed
 class ServeConfig(_Section):
