@@ -62,7 +62,7 @@ def test_the_make_test_summary_counts_what_ran(tmp_path):
 def test_the_lock_meets_every_requirement_and_the_check_can_fail(tmp_path, monkeypatch):
     "tools/lock.py: requirements.lock pins every requirement of clip_har and its extras (and theirs) at a version they accept; a distribution whose requirement is missing, or installed at a version it refuses, is named."
     import lock
-    pins = {l.split('==')[0].lower().replace('_', '-') for l in lock.LOCK.read_text().splitlines() if l and not l.startswith('#')}
+    pins = set(lock.pinned())
     assert {'torch', 'open-clip-torch', 'mlflow', 'psycopg-binary', 'nbdev'} <= pins  # psycopg-binary: an extra's extra (psycopg[binary])
     assert lock.unmet() == []
     info = tmp_path/'stale_example-1.0.dist-info'; info.mkdir()

@@ -29,6 +29,10 @@ def write() -> Path:
     LOCK.write_text(HEADER + ''.join(f'{n}=={v}\n' for n, v in sorted(pins, key=lambda p: canonicalize_name(p[0]))))
     return LOCK
 
+def pinned() -> dict[str, str]:
+    "requirements.lock's pins: canonical name -> version."
+    return {canonicalize_name(n): v for n, v in (l.split('==') for l in LOCK.read_text().splitlines() if l and not l.startswith('#'))}
+
 def unmet(root:str='clip_har', extras:set|None=None) -> list[str]:
     "What the installed environment lacks for `root` with `extras` (default: all of them), its requirements' and theirs in turn."
     extras = set(distribution(root).metadata.get_all('Provides-Extra') or []) if extras is None else extras
@@ -58,6 +62,5 @@ if __name__ == '__main__':
         if problems:
             sys.exit('requirements.lock does not meet settings.ini\'s requirements:\n  ' + '\n  '.join(problems)
                      + '\nrun `make lock` (pip resolves settings.ini again and rewrites requirements.lock), then `make install`')
-        pins = [l for l in LOCK.read_text().splitlines() if l and not l.startswith('#')]
-        print(f'requirements.lock meets every requirement of clip_har and its extras ({len(pins)} pins)')
+        print(f'requirements.lock meets every requirement of clip_har and its extras ({len(pinned())} pins)')
     else: sys.exit('usage: python tools/lock.py write|check')
