@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cli.ipynb #d769473c
 from __future__ import annotations
-import argparse, inspect, json, os, re, sys
+import argparse, importlib, inspect, json, os, re, sys
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +16,8 @@ from .core import *
 __all__ = ['COMMANDS', 'COMMON', 'SPLITS', 'MODEL_ARG', 'Arg', 'command', 'add_command', 'build_parser', 'run_command',
            'run_validate', 'run_prepare', 'run_zeroshot', 'run_train', 'run_evaluate', 'run_runs', 'run_promote',
            'release_model', 'run_hub', 'run_export', 'run_predict', 'run_benchmark', 'run_serve', 'run_monitor',
-           'run_feedback', 'run_dashboard', 'without_iri_format_checker', 'run_pipeline_cmd', 'run_retrain', 'main']
+           'run_feedback', 'run_dashboard', 'without_iri_format_checker', 'run_pipeline_cmd', 'run_retrain',
+           'command_modules', 'main']
 
 # %% ../nbs/12_cli.ipynb #30357a0f
 class Arg:
@@ -425,12 +426,23 @@ def run_retrain(cfg:Config,
     print(json.dumps(retrain(_pipeline_folder(demo, params, overrides), use_dvc)))
     return 0
 
+# %% ../nbs/12_cli.ipynb #42cf26c6
+def command_modules(f) -> list[str]:
+    "The clip_har modules command function `f` imports, in the order its source names them."
+    return list(dict.fromkeys(re.findall(r'^\s+from (clip_har\.\w+) import', inspect.getsource(f), re.M)))
+
 # %% ../nbs/12_cli.ipynb #5d75cad7
 def main(argv:list[str]|None=None) -> int:
     "Run `clip-har` with `argv` (default: the process arguments); return the exit status."
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet: get_logger(level='WARNING')
+    modules = command_modules(args.run)
+    if not all(m in sys.modules for m in modules):
+        with frozen_imports():  # torch, fastai, MLflow: imported with the collector paused, then frozen (core's "Starting")
+            for m in modules:
+                try: importlib.import_module(m)
+                except ImportError: pass  # a missing optional library: the command itself says which
     try:
         cfg = load_config(args.params, args.overrides)
         return run_command(args, cfg)

@@ -14,15 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'CPU_COST_DEFAULTS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV',
-           'HAR_MINI_MISSING', 'get_logger', 'skip_final_collection', 'ClipHarError', 'ConfigError', 'ServeError',
-           'on_cpu', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig', 'EvaluateConfig',
-           'TrackConfig', 'ParityLimit', 'ExportConfig', 'BenchmarkConfig', 'ServeConfig', 'RetrainConfig',
-           'DashboardConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config', 'config_dict', 'save_config',
-           'seed_everything', 'get_device', 'cpu_flags', 'resolve_precision', 'autocast', 'resolve_auto_defaults',
-           'hub_offline', 'hub_reachable', 'NetworkUse', 'network_use', 'modules_hidden', 'import_open_clip',
-           'register_test_models', 'file_sha256', 'atomic_path', 'atomic_write', 'running_benchmarks',
-           'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir', 'har_mini_dir',
-           'trained_model_path']
+           'HAR_MINI_MISSING', 'get_logger', 'skip_final_collection', 'frozen_imports', 'ClipHarError', 'ConfigError',
+           'ServeError', 'on_cpu', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig',
+           'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig', 'BenchmarkConfig', 'ServeConfig',
+           'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config',
+           'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags', 'resolve_precision', 'autocast',
+           'resolve_auto_defaults', 'hub_offline', 'hub_reachable', 'NetworkUse', 'network_use', 'modules_hidden',
+           'import_open_clip', 'register_test_models', 'file_sha256', 'atomic_path', 'atomic_write',
+           'running_benchmarks', 'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir',
+           'har_mini_dir', 'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -49,6 +49,17 @@ def skip_final_collection():
     gc.freeze()
 
 atexit.register(skip_final_collection)
+
+# %% ../nbs/00_core.ipynb #829d46ad
+@contextmanager
+def frozen_imports():
+    "Import in this block with the cyclic garbage collector paused; then freeze what it made and resume the collector."
+    enabled = gc.isenabled()
+    gc.disable()
+    try: yield
+    finally:
+        gc.freeze()
+        if enabled: gc.enable()
 
 # %% ../nbs/00_core.ipynb #698d426b
 class ClipHarError(Exception):

@@ -145,12 +145,15 @@ def stage_notebook(path:str|Path) -> 'nbformat.NotebookNode':
     return nb
 
 # %% ../nbs/11_pipeline.ipynb #a5eec250
-def _kernel_manager_class(stderr_log:Path) -> type:
+def _kernel_manager_class(stderr_log:Path, # the kernel's own stderr goes here
+                          preload:Sequence[str]=(), # modules the kernel imports under `frozen_imports` as it starts
+                         ) -> type:
     "A kernel manager class whose kernels write their own stderr (shutdown noise, crash reports; not cell output) to `stderr_log`."
     from jupyter_client.manager import AsyncKernelManager
+    start = [f"--IPKernelApp.exec_lines=with __import__('clip_har.core').core.frozen_imports(): import {', '.join(preload)}"] if preload else []
     class StageKernelManager(AsyncKernelManager):
         async def _async_launch_kernel(self, kernel_cmd, **kw):
-            with open(stderr_log, 'ab') as f: return await super()._async_launch_kernel(kernel_cmd, **{**kw, 'stderr': f})
+            with open(stderr_log, 'ab') as f: return await super()._async_launch_kernel([*kernel_cmd, *start], **{**kw, 'stderr': f})
     return StageKernelManager
 
 # %% ../nbs/11_pipeline.ipynb #79f94c5f
@@ -158,7 +161,9 @@ def run_notebook(nb:str|Path|'nbformat.NotebookNode', # with a cell tagged `para
                  nb_out:str|Path, # the executed notebook: kept whether it passes or fails
                  parameters:dict|None=None, # papermill parameters
                  label:str='', # names the run in errors (default: the notebook's file name)
-                 progress:bool=True) -> Path:
+                 progress:bool=True,
+                 preload:Sequence[str]=(), # modules the kernel imports before the first cell, e.g. `['clip_har.train']`
+                ) -> Path:
     "Run `nb` with papermill into `nb_out`, the kernel's own log beside it (`.kernel.log`); failures are `PipelineError`s."
     import papermill as pm
     from nbclient.exceptions import DeadKernelError
@@ -167,7 +172,7 @@ def run_notebook(nb:str|Path|'nbformat.NotebookNode', # with a cell tagged `para
     kernel_log = nb_out.with_suffix('.kernel.log'); kernel_log.unlink(missing_ok=True)
     try:
         pm.execute_notebook(str(nb) if isinstance(nb, Path) else nb, str(nb_out), parameters=parameters or {}, kernel_name='python3', language='python',
-                            cwd=os.getcwd(), progress_bar=progress, log_output=False, kernel_manager_class=_kernel_manager_class(kernel_log))
+                            cwd=os.getcwd(), progress_bar=progress, log_output=False, kernel_manager_class=_kernel_manager_class(kernel_log, preload))
     except pm.PapermillExecutionError as e:
         raise PipelineError(f'{label} failed in cell {e.exec_count} ({e.ename}: {str(e.evalue)[:300]}); '
                             f'the executed notebook is kept at {nb_out}') from None
@@ -222,7 +227,8 @@ def run_stage(name:str, # a stage in `STAGES`
     progress_file = (runs/f'{nb_out.stem}.progress.jsonl').resolve()
     runs.mkdir(parents=True, exist_ok=True); progress_file.unlink(missing_ok=True)
     with modified_env(**{PROGRESS_ENV: str(progress_file)}), (ProgressWatcher(progress_file, f'[{name}]', report_every) if progress else nullcontext()):
-        run_notebook(stage_notebook(nb_in), nb_out, params, label=f'stage {name}: {stage.notebook}', progress=progress and sys.stderr.isatty())
+        run_notebook(stage_notebook(nb_in), nb_out, params, label=f'stage {name}: {stage.notebook}', progress=progress and sys.stderr.isatty(),
+                     preload=[f'clip_har.{m}' for m in stage.code])
     log_run_records(cfg, runs)
     return nb_out
 

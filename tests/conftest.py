@@ -1,5 +1,5 @@
 """Shared helpers for the integration tests: they run the real `clip-har` command, papermill, DVC and chromium."""
-import os, shutil, signal, subprocess, sys, tempfile, time
+import gc, os, shutil, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 import pytest
 
@@ -118,6 +118,13 @@ def stop(proc) -> bool:
 FIRST = ['test_rehearsal.py::test_make_run_unmodified_on_the_rehearsal_cache', 'test_rehearsal.py', 'test_pipeline.py',
          'test_train_cli.py', 'test_serve.py', 'test_evaluate_tracking.py', 'test_export_inference.py', 'test_monitor.py',
          'test_dashboard.py', 'test_release.py', 'test_pipeline_tools.py', 'test_model_cli.py', 'test_data_cli.py']
+
+## Collecting the test files imports torch, fastai and MLflow into each worker: with the collector paused meanwhile and what
+## they made frozen after (as `clip-har` does for its commands: `clip_har.core.frozen_imports`), the collections during the
+## tests visit only what the tests make.
+def pytest_collection(session): gc.disable()
+
+def pytest_collection_finish(session): gc.freeze(); gc.enable()
 
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:

@@ -109,8 +109,8 @@ def test_predict_data_parallel_under_torchrun(exported, tmp_path):
 def test_evaluate_scores_an_export_through_its_backend(exported, tmp_path):
     "`clip-har evaluate --model <export>` measures the int8 model on the same split as the PyTorch one."
     scores = {}
-    for model in ('train/wise_ft.pt', 'export/onnx-int8/manifest.json'):
-        r = clip_har('evaluate', *_paths(exported), *SMOKE, '--model', exported/'out'/model, '--out', tmp_path/model.replace('/', '_'), '-q')
+    for model, command in (('train/wise_ft.pt', clip_har_here), ('export/onnx-int8/manifest.json', clip_har)):  # the PyTorch one in this process
+        r = command('evaluate', *_paths(exported), *SMOKE, '--model', exported/'out'/model, '--out', tmp_path/model.replace('/', '_'), '-q')
         assert r.returncode == 0, r.stderr[-2000:]
         scores[model] = json.loads(r.stdout.strip().splitlines()[-1])
     print({k: round(v['top1'], 3) for k, v in scores.items()})

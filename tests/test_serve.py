@@ -261,9 +261,13 @@ def test_keys_and_rate_limits(model):
         assert r.json()['labels'] == ['riding a horse', 'reading']
         meta = httpx.get(url + v2, headers={'X-API-Key': 'admin-1'}).json()  # the protocol's metadata follows the label set in use
         assert json.loads(meta['properties']['labels']) == ['riding a horse', 'reading'] and meta['outputs'][0]['shape'] == [-1, 2]
-        with InferenceClient(url, api_key='user-2', backoff=0.2) as client:  # over the limit: waits out Retry-After, then succeeds
-            got = [client.predict_from_bytes(JPG)['predictions'][0]['class_name'] for _ in range(4)]
+        limited = lambda: sum(float(l.split()[-1]) for l in httpx.get(url + '/metrics').text.splitlines()
+                              if l.startswith('clip_har_requests_total{') and 'route="/predict/image"' in l and 'status="429"' in l)
+        before = limited()
+        with InferenceClient(url, api_key='user-2', backoff=0.2) as client:  # user-2 has 2 tokens left: the third call waits out Retry-After, then succeeds
+            got = [client.predict_from_bytes(JPG)['predictions'][0]['class_name'] for _ in range(3)]
         assert set(got) <= {'riding a horse', 'reading'}
+        assert limited() > before  # the client was told 429 and waited: it did not merely find tokens left
     finally: stop(proc)
 
 def test_graceful_shutdown_finishes_in_flight_requests(model):

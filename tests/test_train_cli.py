@@ -79,23 +79,27 @@ def test_train_bad_input(prepared, extra, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert 'Traceback' not in r.stderr
 
-def test_resume_from_a_foreign_checkpoint_is_refused(prepared, tmp_path):
+@pytest.fixture(scope='module')
+def tracked_run(prepared, tmp_path_factory) -> Path:
+    "A 2-epoch run of the fixtures recorded in a sqlite MLflow store (`mlflow.db`, the run in `ok/`): the tracking test reads it back, the resume test refuses its checkpoint for another label set."
+    tmp = tmp_path_factory.mktemp('tracked')
+    r = clip_har('train', *_paths(prepared), *SMOKE, *_stages(2), '--out', tmp/'ok', '--set', 'track.backends=[mlflow]',
+                 '--set', f"track.mlflow_uri=sqlite:///{tmp/'mlflow.db'}", '--set', 'track.log_every=2', '-q')
+    assert r.returncode == 0, r.stderr
+    return tmp
+
+def test_resume_from_a_foreign_checkpoint_is_refused(prepared, tracked_run, tmp_path):
     torch.save({'state_dict': {'w': torch.zeros(2)}}, tmp_path/'foreign.pt')
     r = clip_har_here('train', *_paths(prepared), *SMOKE, '--resume', tmp_path/'foreign.pt', '-q')
     assert r.returncode == 2 and 'not a clip_har training checkpoint' in r.stderr, r.stderr
-    r = clip_har('train', *_paths(prepared), *SMOKE, *_stages(1), '--out', tmp_path/'a', '-q')
-    assert r.returncode == 0, r.stderr
-    r = clip_har_here('train', *_paths(prepared), *SMOKE, '--set', 'data.labels=[eating, running]', '--resume', tmp_path/'a'/'checkpoints'/'last.pt', '-q')
+    r = clip_har_here('train', *_paths(prepared), *SMOKE, '--set', 'data.labels=[eating, running]', '--resume', tracked_run/'ok'/'checkpoints'/'last.pt', '-q')
     assert r.returncode == 2 and 'made for another run: labels' in r.stderr, r.stderr
 
 def _free_port() -> int:
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def test_mlflow_records_the_run_and_a_dead_server_does_not_stop_training(prepared, tmp_path):
-    db = tmp_path/'mlflow.db'
-    r = clip_har('train', *_paths(prepared), *SMOKE, *_stages(2), '--out', tmp_path/'ok', '--set', 'track.backends=[mlflow]',
-                 '--set', f'track.mlflow_uri=sqlite:///{db}', '--set', 'track.log_every=2', '-q')
-    assert r.returncode == 0, r.stderr
+def test_mlflow_records_the_run_and_a_dead_server_does_not_stop_training(prepared, tracked_run, tmp_path):
+    db = tracked_run/'mlflow.db'
     import mlflow
     client = mlflow.MlflowClient(f'sqlite:///{db}')
     runs = client.search_runs([client.get_experiment_by_name('clip_har').experiment_id])
@@ -104,7 +108,7 @@ def test_mlflow_records_the_run_and_a_dead_server_does_not_stop_training(prepare
     assert run_.data.params['model.name'] == TINY_MODEL and 'train_loss' in run_.data.metrics and 'lr' in run_.data.metrics
     assert len(client.get_metric_history(run_.info.run_id, 'accuracy')) == 2
     steps = client.get_metric_history(run_.info.run_id, 'train_loss_step')  # every track.log_every (2) batches
-    n_batches = json.loads((tmp_path/'ok'/'train_metrics.json').read_text())['batches']
+    n_batches = json.loads((tracked_run/'ok'/'train_metrics.json').read_text())['batches']
     assert [m.step for m in steps] == list(range(2, n_batches + 1, 2))
     assert len(run_.data.tags['git_commit']) == 40 and len(run_.data.tags['manifest_sha256']) == 64
     assert {a.path for a in client.list_artifacts(run_.info.run_id)} >= {'model.pt', 'history.csv', 'wise_ft.png'}
