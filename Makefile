@@ -89,9 +89,10 @@ check: install
 ## ONNX Runtime (OMP_NUM_THREADS). On 2 cores, two ViT-B-16 passes of 2 threads each ran 3.1 + 3.1 images/s; of 1 thread
 ## each, 4.5 + 4.5. Inductor compiles in the test's own process (TORCHINDUCTOR_COMPILE_THREADS=1): for the tests' small
 ## graphs a pool of compile workers costs more than it saves (03_model's compiled runner: 21.5 s with the pool, 17.2 s without).
+## nbtest is nbdev_test with clip_har's modules imported (and frozen) before its two workers fork: tools/nbtest.py.
 TEST_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n / 2 > 1 ? n / 2 : 1 )))
 nbtest: install
-	$(OFFLINE) OMP_NUM_THREADS=$(TEST_THREADS) TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
+	$(OFFLINE) OMP_NUM_THREADS=$(TEST_THREADS) TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python tools/nbtest.py --n_workers 2 --timing
 
 docs: install
 	$(OFFLINE) $(BIN)/python tools/docs.py

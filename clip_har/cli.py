@@ -429,7 +429,9 @@ def run_retrain(cfg:Config,
 # %% ../nbs/12_cli.ipynb #42cf26c6
 def command_modules(f) -> list[str]:
     "The clip_har modules command function `f` imports, in the order its source names them."
-    return list(dict.fromkeys(re.findall(r'^\s+from (clip_har\.\w+) import', inspect.getsource(f), re.M)))
+    try: source = inspect.getsource(f)
+    except (OSError, TypeError): return []  # no source to read (a frozen or compiled install): the command imports them itself
+    return list(dict.fromkeys(re.findall(r'^\s+from (clip_har\.\w+) import', source, re.M)))
 
 # %% ../nbs/12_cli.ipynb #5d75cad7
 def main(argv:list[str]|None=None) -> int:
