@@ -31,7 +31,7 @@ $(STAMP): settings.ini setup.py requirements.lock
 	@# not by each of the processes that `make test` starts side by side, all at the same moment; in two processes side by side:
 	@# clip_har's modules (torch, fastai, open_clip, mlflow: 12 s), and the notebook machinery (3.5 s) with the kernel's registration.
 	{ $(BIN)/python -W ignore -c "import papermill, ipykernel.kernelapp" && $(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null; } & kernel=$$!; \
-	$(BIN)/python -W ignore -c "import importlib, pkgutil, clip_har; [importlib.import_module(m.name) for m in pkgutil.iter_modules(clip_har.__path__, 'clip_har.')]" \
+	$(BIN)/python -W ignore -c "from clip_har.core import preload_package; preload_package()" \
 	  && wait $$kernel
 	@touch $(STAMP)
 

@@ -14,15 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['HAR_LABELS', 'BF16_CPU_FLAGS', 'COMPILE_ENV', 'CPU_COST_DEFAULTS', 'TINY_MODEL', 'TINY_MODEL_CFG', 'PROGRESS_ENV',
-           'HAR_MINI_MISSING', 'get_logger', 'skip_final_collection', 'frozen_imports', 'ClipHarError', 'ConfigError',
-           'ServeError', 'on_cpu', 'PathsConfig', 'DataConfig', 'ModelConfig', 'StageConfig', 'TrainConfig',
-           'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig', 'BenchmarkConfig', 'ServeConfig',
-           'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches', 'parse_overrides', 'load_config',
-           'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags', 'resolve_precision', 'autocast',
-           'resolve_auto_defaults', 'hub_offline', 'hub_reachable', 'NetworkUse', 'network_use', 'modules_hidden',
-           'import_open_clip', 'register_test_models', 'file_sha256', 'atomic_path', 'atomic_write',
-           'running_benchmarks', 'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root', 'fixtures_dir',
-           'har_mini_dir', 'trained_model_path']
+           'HAR_MINI_MISSING', 'get_logger', 'skip_final_collection', 'frozen_imports', 'preload_package',
+           'ClipHarError', 'ConfigError', 'ServeError', 'on_cpu', 'PathsConfig', 'DataConfig', 'ModelConfig',
+           'StageConfig', 'TrainConfig', 'EvaluateConfig', 'TrackConfig', 'ParityLimit', 'ExportConfig',
+           'BenchmarkConfig', 'ServeConfig', 'RetrainConfig', 'DashboardConfig', 'Config', 'close_matches',
+           'parse_overrides', 'load_config', 'config_dict', 'save_config', 'seed_everything', 'get_device', 'cpu_flags',
+           'resolve_precision', 'autocast', 'resolve_auto_defaults', 'hub_offline', 'hub_reachable', 'NetworkUse',
+           'network_use', 'modules_hidden', 'import_open_clip', 'register_test_models', 'file_sha256', 'atomic_path',
+           'atomic_write', 'running_benchmarks', 'report_progress', 'progress_line', 'ProgressWatcher', 'repo_root',
+           'fixtures_dir', 'har_mini_dir', 'trained_model_path']
 
 # %% ../nbs/00_core.ipynb #84935b37
 HAR_LABELS = ('calling', 'clapping', 'cycling', 'dancing', 'drinking', 'eating', 'fighting', 'hugging',
@@ -60,6 +60,14 @@ def frozen_imports():
     finally:
         gc.freeze()
         if enabled: gc.enable()
+
+# %% ../nbs/00_core.ipynb #042d12ca
+def preload_package():
+    "Import every clip_har module (and with them torch, fastai, open_clip, MLflow) under `frozen_imports`."
+    import importlib, pkgutil, warnings, clip_har
+    with frozen_imports(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the libraries' import-time deprecation notices: the notebooks that use them show their own
+        for m in pkgutil.iter_modules(clip_har.__path__, 'clip_har.'): importlib.import_module(m.name)
 
 # %% ../nbs/00_core.ipynb #698d426b
 class ClipHarError(Exception):

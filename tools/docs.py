@@ -6,17 +6,15 @@ from pathlib import Path
 root = Path(__file__).resolve().parent.parent
 
 def main():
-    import importlib, pkgutil, clip_har
     from nbdev.serve import proc_nbs
     from nbdev.doclinks import _build_modidx
     _build_modidx()
     # One process: every notebook imports clip_har's modules (torch, fastai, open_clip, mlflow), which two worker processes
     # each imported again (26 CPU-s in all; 17 in one). Imported first, with the collector paused, and frozen out of its way
-    # (frozen_imports): IPython runs a full gc.collect as each notebook's shell closes, over every object those imports made
+    # (preload_package): IPython runs a full gc.collect as each notebook's shell closes, over every object those imports made
     # (0.4 s a notebook).
-    from clip_har.core import frozen_imports
-    with frozen_imports():
-        for m in pkgutil.iter_modules(clip_har.__path__, 'clip_har.'): importlib.import_module(m.name)
+    from clip_har.core import preload_package
+    preload_package()
     proc = proc_nbs(str(root/'nbs'), n_workers=0, force=True)  # runs each notebook's exports + show_doc cells
     for f in ('_quarto.yml', 'styles.css'): shutil.copy(root/f, proc/f)
     shutil.rmtree(proc/'fixtures', ignore_errors=True)
