@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cli.ipynb #d769473c
 from __future__ import annotations
-import argparse, importlib, inspect, json, os, re, sys
+import argparse, inspect, json, os, re, sys
 from pathlib import Path
 from typing import Sequence
 
@@ -439,12 +439,9 @@ def main(argv:list[str]|None=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet: get_logger(level='WARNING')
-    modules = command_modules(args.run)
-    if not all(m in sys.modules for m in modules):
-        with frozen_imports():  # torch, fastai, MLflow: imported with the collector paused, then frozen (core's "Starting")
-            for m in modules:
-                try: importlib.import_module(m)
-                except ImportError: pass  # a missing optional library: the command itself says which
+    if modules := [m for m in command_modules(args.run) if m not in sys.modules]:
+        try: preload_package(modules)  # torch, fastai, MLflow: imported with the collector paused, then frozen (core's "Starting")
+        except ImportError: pass  # a missing optional library: the command itself says which
     try:
         cfg = load_config(args.params, args.overrides)
         return run_command(args, cfg)

@@ -62,12 +62,14 @@ def frozen_imports():
         if enabled: gc.enable()
 
 # %% ../nbs/00_core.ipynb #042d12ca
-def preload_package():
-    "Import every clip_har module (and with them torch, fastai, open_clip, MLflow) under `frozen_imports`."
+def preload_package(modules:Sequence[str]|None=None, # e.g. `['clip_har.train']`; default: every clip_har module
+                   ):
+    "Import `modules` (and with them torch, fastai, open_clip, MLflow) under `frozen_imports`."
     import importlib, pkgutil, warnings, clip_har
+    if modules is None: modules = [m.name for m in pkgutil.iter_modules(clip_har.__path__, 'clip_har.')]
     with frozen_imports(), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # the libraries' import-time deprecation notices: the notebooks that use them show their own
-        for m in pkgutil.iter_modules(clip_har.__path__, 'clip_har.'): importlib.import_module(m.name)
+        for m in modules: importlib.import_module(m)
 
 # %% ../nbs/00_core.ipynb #698d426b
 class ClipHarError(Exception):
